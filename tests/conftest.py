@@ -1,0 +1,77 @@
+"""Shared fixtures: every test works in a temporary workspace; the encoder is exported once a session."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "corpus"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _encoder_cache(tmp_path_factory):
+    """One ONNX export per test session, shared by every workspace."""
+    os.environ.setdefault("TRTRAG_CACHE", str(tmp_path_factory.mktemp("trtrag-cache")))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture
+def make_recipe(tmp_path):
+    """Write a recipe into tmp_path with its workspace there too; keyword sections override defaults."""
+
+    def make(name: str = "t", **sections) -> Path:
+        data = yaml.safe_load((ROOT / "recipes" / "default.yaml").read_text())
+        data["name"] = name
+        data["workspace"] = str(tmp_path / "ws")
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                data.setdefault(section, {}).update(values)
+            else:
+                data[section] = values
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def corpus_copy(tmp_path) -> Path:
+    """A writable copy of the example corpus."""
+    dst = tmp_path / "corpus"
+    shutil.copytree(EXAMPLES, dst)
+    return dst
+
+
+class Cli:
+    """Runs `trtrag` in-process and parses --json output."""
+
+    def __init__(self):
+        from trtrag_cli.cli import app
+
+        self.app = app
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, ok: bool | None = True):
+        result = self.runner.invoke(self.app, [str(a) for a in args], catch_exceptions=False)
+        if ok is True:
+            assert result.exit_code == 0, result.output
+        elif ok is False:
+            assert result.exit_code != 0, result.output
+        return result
+
+    def json(self, *args: str):
+        result = self(*args, "--json")
+        return json.loads(result.stdout)
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()

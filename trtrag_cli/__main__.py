@@ -1,0 +1,5 @@
+"""python -m trtrag_cli"""
+
+from .cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""Workspace layout, manifests and atomic writes.
+
+Every artifact is written under a temporary name and renamed into place. The index is kept in
+generations: a new one is written whole, then the `CURRENT` pointer is replaced atomically, so a run
+that fails or is killed half-way leaves the previous index untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import TrtragError
+
+LAYOUT_VERSION = 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file under a temporary name in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Text variant of atomic_write_bytes."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically write pretty JSON."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """Read JSON, turning corruption into a user error that names the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TrtragError(f"cannot read '{path}': {exc}", "delete the workspace folder and re-run the command") from None
+
+
+def library_versions(names: tuple[str, ...] = ("numpy", "onnxruntime", "faiss-cpu", "bm25s", "tokenizers")) -> dict:
+    """Versions of the libraries that shape an artifact, recorded in every manifest."""
+    from .deps import version
+
+    out = {"python": platform.python_version(), "trtrag": version("trtrag") or "dev"}
+    out.update({n: version(n) for n in names})
+    return out
+
+
+class Workspace:
+    """One folder per recipe: encoder cache, index generations, lock."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def index_root(self) -> Path:
+        return self.root / "index"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock for writers; a second writer fails at once instead of corrupting."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fh = open(self.root / "lock", "a+")
+        try:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TrtragError(f"workspace '{self.root}' is locked by another trtrag run",
+                                  "wait for it to finish, or remove a stale lock holder") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    def current_index(self) -> Path | None:
+        """The folder of the live index generation, or None when nothing was indexed."""
+        pointer = self.index_root / "CURRENT"
+        if not pointer.is_file():
+            return None
+        gen = self.index_root / pointer.read_text().strip()
+        return gen if gen.is_dir() else None
+
+    def require_index(self) -> Path:
+        """The live index folder, or a user error telling how to build one."""
+        gen = self.current_index()
+        if gen is None:
+            raise TrtragError(f"no index in workspace '{self.root}'", "run: trtrag index <corpus folder>")
+        return gen
+
+    @contextlib.contextmanager
+    def new_generation(self) -> Iterator[Path]:
+        """Yield a temporary folder; on success it becomes the live index, on failure it is removed."""
+        self.index_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-gen-", dir=self.index_root))
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        previous = self.current_index()
+        final = self.index_root / f"gen-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{tmp.name[-6:]}"
+        os.rename(tmp, final)
+        atomic_write_text(self.index_root / "CURRENT", final.name + "\n")
+        for old in self.index_root.iterdir():
+            if old.is_dir() and old != final and (old == previous or old.name.startswith(("gen-", ".tmp-gen-"))):
+                shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,52 @@
+"""Optional dependencies, imported lazily, with one-line install hints; feeds `trtrag doctor`."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from types import ModuleType
+
+from .errors import MissingDependency
+
+# import name -> (distribution name, extra that installs it)
+KNOWN = {
+    "onnxruntime": ("onnxruntime", "cpu"),
+    "faiss": ("faiss-cpu", "cpu"),
+    "bm25s": ("bm25s", "cpu"),
+    "Stemmer": ("PyStemmer", "cpu"),
+    "tokenizers": ("tokenizers", "cpu"),
+    "onnx": ("onnx", "cpu"),
+    "bs4": ("beautifulsoup4", "cpu"),
+    "torch": ("torch", "cpu"),
+    "transformers": ("transformers", "cpu"),
+    "sentence_transformers": ("sentence-transformers", "dev"),
+    "tensorrt": ("tensorrt", "tensorrt"),
+    "tensorrt_llm": ("tensorrt-llm", "tensorrt-llm"),
+    "modelopt": ("nvidia-modelopt", "tensorrt"),
+}
+
+
+def require(name: str, purpose: str = "") -> ModuleType:
+    """Import an optional module or raise a one-line MissingDependency naming the fix."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        dist, extra = KNOWN.get(name, (name, None))
+        why = f" for {purpose}" if purpose else ""
+        fix = f"pip install 'trtrag[{extra}]'" if extra else f"pip install {dist}"
+        raise MissingDependency(f"{dist} is not installed{why}: {exc}", f"run: {fix}") from exc
+
+
+def version(dist: str) -> str | None:
+    """Installed version of a distribution, or None."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def available(name: str) -> bool:
+    """Whether a module can be imported, without importing it."""
+    return importlib.util.find_spec(name) is not None
+

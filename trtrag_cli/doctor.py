@@ -1,0 +1,67 @@
+"""`trtrag doctor`: versions, GPU, and which backend each stage of the recipe resolves to, and why."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+
+from .deps import available, version
+from .recipe import Recipe
+
+LIBRARIES = ("numpy", "onnxruntime", "onnx", "faiss-cpu", "faiss-gpu", "bm25s", "PyStemmer", "tokenizers",
+             "torch", "transformers", "sentence-transformers", "tensorrt", "tensorrt-llm", "nvidia-modelopt",
+             "typer", "rich", "pyyaml")
+
+
+def gpus() -> list[dict]:
+    """GPUs seen by nvidia-smi (empty when there is none or no driver)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,driver_version,compute_cap",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    rows = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            rows.append({"name": parts[0], "memory_mib": int(float(parts[1])), "driver": parts[2],
+                         "compute_capability": parts[3]})
+    return rows
+
+
+def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
+    """Backend per stage with the reason it was chosen."""
+    enc = recipe.encoder.backend
+    if enc == "auto":
+        enc_choice, why = "onnxruntime", "auto: the only encoder backend built so far (CPU)"
+    else:
+        enc_choice, why = enc, "named in the recipe"
+    encoder_ok = available("onnxruntime") if enc_choice == "onnxruntime" else available(enc_choice)
+    faiss_gpu = bool(gpu_list) and version("faiss-gpu") is not None
+    return {
+        "encoder": {"backend": enc_choice, "ok": encoder_ok, "why": why, "model": recipe.encoder.model},
+        "vector_index": {"backend": "faiss-gpu" if faiss_gpu else "faiss-cpu", "ok": available("faiss"),
+                         "kind": recipe.index.kind,
+                         "why": "GPU and faiss-gpu present" if faiss_gpu else "no GPU with faiss-gpu: CPU faiss"},
+        "lexical": {"backend": "bm25s", "ok": available("bm25s"), "why": "the only BM25 backend"},
+        "rerank": {"backend": recipe.retrieve.mode, "ok": True, "why": "retrieve.mode in the recipe"},
+        "generator": {"backend": recipe.answer.generator, "ok": True, "why": "answer.generator in the recipe"},
+    }
+
+
+def run_doctor(recipe: Recipe) -> dict:
+    """Everything `trtrag doctor` reports, as plain data."""
+    gpu_list = gpus()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "libraries": {name: version(name) for name in LIBRARIES},
+        "gpus": gpu_list,
+        "recipe": recipe.source,
+        "workspace": str(recipe.workspace_dir()),
+        "stages": resolve_stages(recipe, gpu_list),
+    }
