@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch is only used to export the encoder to ONNX once; pin the CPU build that this machine carries
 # (an unpinned torch pulls a multi-GB CUDA build). pyproject.toml keeps a range for users.
 TORCH  ?= torch==2.13.0
-DEMO_Q ?= How long is the warranty on the sensors?
+DEMO_Q ?= Can I get an advance replacement for a faulty TH-50 sensor?
 
 .PHONY: install demo test test-gpu bench-cpu clean
 

@@ -82,13 +82,16 @@ def _chunk_new_files(entries, report, recipe: Recipe, tokenizer):
     from .corpus import load_documents
     from .store import ChunkRecord
 
-    records, sources = [], {}
+    docs, file_of, sources = [], {}, {}
     for entry in entries:
-        docs = load_documents(entry, report)
-        sources[entry.key] = [d.source for d in docs]
-        for ch in chunk_documents(docs, tokenizer, recipe.chunking.max_tokens, recipe.chunking.overlap):
-            records.append(ChunkRecord(id=ch.id, source=ch.source, file=entry.key, ordinal=ch.ordinal,
-                                       title=ch.title, text=ch.text, hash=ch.content_hash))
+        loaded = load_documents(entry, report)
+        sources[entry.key] = [d.source for d in loaded]
+        file_of.update((d.source, entry.key) for d in loaded)
+        docs.extend(loaded)
+    # One call for all files, so the tokenizer batches across many small files.
+    chunks = chunk_documents(docs, tokenizer, recipe.chunking.max_tokens, recipe.chunking.overlap)
+    records = [ChunkRecord(id=ch.id, source=ch.source, file=file_of[ch.source], ordinal=ch.ordinal,
+                           title=ch.title, text=ch.text, hash=ch.content_hash) for ch in chunks]
     return records, sources
 
 
@@ -112,7 +115,13 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
         removed = [k for k in prev_files if k not in current]
 
         tokenizer = chunk_tokenizer(recipe)
+        # Ids of unchanged files count as taken, so a new file cannot silently reuse one.
+        report.seen_sources.update(src for k in unchanged for src in prev_files[k].get("sources", []))
         new_records, new_sources = _chunk_new_files(changed + added, report, recipe, tokenizer)
+        # A file that yielded no document (undecodable, empty) is skipped and counted by the loader, not
+        # recorded, so the next run looks at it again.
+        changed = [e for e in changed if new_sources.get(e.key)]
+        added = [e for e in added if new_sources.get(e.key)]
         if not current:
             raise TrtragError("the corpus has no indexable documents", "add .txt, .md, .html or .jsonl files")
 

@@ -24,11 +24,13 @@ class Pipeline:
 
     def __init__(self, recipe: Recipe):
         from .generators import open_generator
+        from .indexing import chunk_tokenizer
         from .retrieve import Retriever
 
         self.recipe = recipe
         self.retriever = Retriever(recipe)
         self.generator = open_generator(recipe, self.retriever.lexical)
+        self._counter = chunk_tokenizer(recipe)
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -49,7 +51,7 @@ class Pipeline:
         """Answer one question; the dict is what `ask --json` prints."""
         question = check_question(question)
         warnings = []
-        n_tokens = self.retriever.encoder.count_tokens(question)
+        n_tokens = len(self._counter.encode(question).ids)  # special tokens included, as the encoder sees it
         if n_tokens > self.retriever.encoder.max_tokens:
             warnings.append(f"the question has {n_tokens} tokens; the encoder reads only the first "
                             f"{self.retriever.encoder.max_tokens} (BM25 still sees all of it)")

@@ -1,0 +1,232 @@
+"""The staged workflow through the real CLI: index -> ask -> eval, incremental re-index, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import EXAMPLES, ROOT, Cli
+
+HEAVY = ("torch", "onnxruntime", "faiss", "transformers", "sentence_transformers", "bm25s", "tensorrt")
+
+
+def test_help_imports_no_heavy_library():
+    code = (
+        "import sys\n"
+        "from trtrag_cli.cli import app\n"
+        "for args in (['--help'], ['index', '--help'], ['ask', '--help'], ['eval', '--help'], ['doctor', '--help']):\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (args, e.code)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_usage_error_exits_2(cli):
+    assert cli("index", ok=None).exit_code == 2
+    assert cli("ask", "q", "--no-such-flag", ok=None).exit_code == 2
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """The example corpus indexed once for the read-only tests of this module."""
+    tmp = tmp_path_factory.mktemp("indexed")
+    data = yaml.safe_load((ROOT / "recipes" / "default.yaml").read_text())
+    data.update(name="ex", workspace=str(tmp / "ws"))
+    recipe = tmp / "ex.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    report = Cli().json("index", EXAMPLES, "--recipe", recipe)
+    return recipe, report
+
+
+def test_index_report(indexed):
+    _, report = indexed
+    c = report["counts"]
+    assert c["files_added"] == len([p for p in EXAMPLES.rglob("*") if p.is_file()])
+    assert c["chunks_total"] >= 50 and c["chunks_embedded"] == c["chunks_total"]
+    assert report["encoder"].startswith("onnxruntime")
+
+
+def test_ask_answers_with_citations(cli, indexed):
+    recipe, _ = indexed
+    res = cli.json("ask", "Can I get an advance replacement for a faulty TH-50 sensor?", "--recipe", recipe)
+    assert res["passages"] and res["passages"][0]["source"] == "policies/warranty-th-pg-series.md"
+    assert res["citations"], res["answer"]
+    for cite in res["citations"]:
+        assert f"[{cite['n']}]" in res["answer"]
+        assert cite["source"] == res["passages"][cite["n"] - 1]["source"]
+    assert set(res["timings_ms"]) >= {"encode", "search", "rerank", "answer", "total"}
+    text = cli("ask", "What was Corvane's revenue in Europe in fiscal 2024?", "--recipe", recipe).stdout
+    assert "[1]" in text and "finance/annual-report-2024.md" in text
+
+
+@pytest.mark.parametrize("mode", ["dense", "bm25", "rrf", "hybrid"])
+def test_each_mode_ranks_the_right_document_first(cli, indexed, mode):
+    recipe, _ = indexed
+    res = cli.json("ask", "restocking fee for returning an opened sensor", "--mode", mode, "--recipe", recipe)
+    assert res["mode"] == mode
+    assert res["passages"][0]["source"] == "policies/returns-and-rma-policy.md"
+
+
+def test_eval_on_example_queries(cli, indexed):
+    recipe, _ = indexed
+    report = cli.json("eval", "--queries", ROOT / "examples" / "queries.jsonl", "--modes", "bm25,dense,rrf,hybrid",
+                      "--recipe", recipe)
+    assert report["queries"] == 40 and report["unknown_relevant_count"] == 0
+    for mode, res in report["modes"].items():
+        m = res["metrics"]
+        assert 0 <= m["recall@1"] <= m["recall@5"] <= m["recall@10"] <= m["recall@100"] <= 1
+        assert m["mrr@1"] <= m["mrr@10"]
+        assert set(res["latency_ms"]) >= {"encode", "search", "rerank", "total"}
+    assert report["modes"]["hybrid"]["metrics"]["recall@10"] >= 0.9
+
+
+def test_doctor_reports_stages(cli, indexed):
+    recipe, _ = indexed
+    rep = cli.json("doctor", "--recipe", recipe)
+    assert rep["stages"]["encoder"]["backend"] == "onnxruntime" and rep["stages"]["encoder"]["ok"]
+    assert rep["stages"]["vector_index"]["backend"] in ("faiss-cpu", "faiss-gpu")
+    assert rep["libraries"]["numpy"]
+
+
+def _current(recipe: Path) -> str:
+    ws = Path(yaml.safe_load(recipe.read_text())["workspace"]) / yaml.safe_load(recipe.read_text())["name"]
+    return (ws / "index" / "CURRENT").read_text()
+
+
+def test_incremental_reindex(cli, make_recipe, corpus_copy):
+    recipe = make_recipe()
+    first = cli.json("index", corpus_copy, "--recipe", recipe)["counts"]
+    again = cli.json("index", corpus_copy, "--recipe", recipe)["counts"]
+    assert again["chunks_embedded"] == 0 and again["files_unchanged"] == first["files_added"]
+
+    (corpus_copy / "news.md").write_text("# Lunar office\nCorvane opened a research office on the Moon in 2031, "
+                                         "led by Dr. Ilse Vantongeren.\n")
+    changed = corpus_copy / "products" / "th50-environment-sensor.md"
+    changed.write_text(changed.read_text() + "\n\nThe TH-50 ships in a teal recyclable box since May 2025.\n")
+    (corpus_copy / "internal" / "memo-2025-04-hq-relocation.txt").unlink()
+    c = cli.json("index", corpus_copy, "--recipe", recipe)["counts"]
+    assert (c["files_added"], c["files_changed"], c["files_removed"]) == (1, 1, 1)
+    assert c["files_unchanged"] == first["files_added"] - 2
+    # only the new file's chunk and the changed file's last chunk(s) are embedded again
+    assert 1 <= c["chunks_embedded"] <= 4
+
+    res = cli.json("ask", "Who leads the research office on the Moon?", "--recipe", recipe)
+    assert res["passages"][0]["source"] == "news.md" and "Vantongeren" in res["answer"]
+    res = cli.json("ask", "What colour is the TH-50 box?", "--recipe", recipe)
+    assert res["passages"][0]["source"] == "products/th50-environment-sensor.md"
+    res = cli.json("ask", "When does the headquarters move to Fife?", "--top-k", "50", "--recipe", recipe)
+    assert "internal/memo-2025-04-hq-relocation.txt" not in {p["source"] for p in res["passages"]}
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_incremental_with_other_index_kinds(cli, make_recipe, corpus_copy, kind):
+    recipe = make_recipe(index={"kind": kind, "nlist": 4, "nprobe": 4})
+    cli.json("index", corpus_copy, "--recipe", recipe)
+    (corpus_copy / "web" / "careers.html").unlink()
+    c = cli.json("index", corpus_copy, "--recipe", recipe)["counts"]
+    assert c["files_removed"] == 1 and c["chunks_embedded"] == 0
+    res = cli.json("ask", "job openings and benefits at Corvane", "--top-k", "40", "--recipe", recipe)
+    assert "web/careers.html" not in {p["source"] for p in res["passages"]}
+
+
+def _one_line_error(result) -> str:
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output and err.startswith("error:") and "\n" not in err, result.output
+    return err
+
+
+def test_bad_corpus_input_keeps_index(cli, make_recipe, corpus_copy, tmp_path):
+    recipe = make_recipe()
+    cli.json("index", corpus_copy, "--recipe", recipe)
+    before = _current(recipe)
+    missing = cli("index", tmp_path / "nope", "--recipe", recipe, ok=False)
+    assert missing.exit_code == 1 and "does not exist" in _one_line_error(missing)
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    res = cli("index", empty, "--recipe", recipe, ok=False)
+    assert res.exit_code == 1 and "empty" in _one_line_error(res)
+    assert _current(recipe) == before
+
+
+def test_awkward_files_are_skipped_and_counted(cli, make_recipe, tmp_path):
+    root = tmp_path / "c"
+    (root / "ok").mkdir(parents=True)
+    (root / "ok" / "a.txt").write_text("Sensors report vibration every ten seconds.")
+    (root / "bin.txt").write_bytes(b"\x00\x01\x02binary")
+    (root / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me".encode("latin-1"))
+    with open(root / "huge.txt", "wb") as fh:
+        fh.truncate(50 * 1024 * 1024)
+    (root / "ok" / "loop").symlink_to(root, target_is_directory=True)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret outside the corpus")
+    (root / "escape.txt").symlink_to(outside)
+    rep = cli.json("index", root, "--recipe", make_recipe())
+    assert rep["counts"]["files_added"] == 1
+    for reason in ("binary", "not-utf8", "too-large", "outside-root"):
+        assert rep["skipped"].get(reason, 0) >= 1, (reason, rep["skipped"])
+    assert rep["warnings"]
+
+
+def test_recipe_errors_through_cli(cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("retrieve:\n  top_k: [1\n")
+    res = cli("ask", "q", "--recipe", bad, ok=False)
+    assert res.exit_code == 1 and "malformed YAML" in _one_line_error(res)
+    bad.write_text("retrieve:\n  topk: 3\n")
+    res = cli("ask", "q", "--recipe", bad, ok=False)
+    assert "did you mean 'top_k'" in _one_line_error(res) and f"{bad}:2" in res.stderr
+    res = cli("index", EXAMPLES, "--recipe", bad, "--json", ok=False)
+    assert json.loads(res.stdout)["error"].startswith(str(bad))
+
+
+def test_question_errors(cli, indexed, make_recipe):
+    recipe, _ = indexed
+    res = cli("ask", "   ", "--recipe", recipe, ok=False)
+    assert res.exit_code == 1 and "question is empty" in _one_line_error(res)
+    long_q = "What is the warranty on the VX-200 sensor? " * 80
+    out = cli.json("ask", long_q, "--recipe", recipe)
+    assert out["warnings"] and "tokens" in out["warnings"][0] and out["passages"]
+    res = cli("ask", "anything", "--recipe", make_recipe("never-indexed"), ok=False)
+    assert "no index" in _one_line_error(res)
+
+
+def test_failed_index_run_leaves_previous_generation(cli, make_recipe, corpus_copy, monkeypatch):
+    recipe = make_recipe()
+    cli.json("index", corpus_copy, "--recipe", recipe)
+    before = _current(recipe)
+    (corpus_copy / "new.txt").write_text("A brand new document about gateways.")
+
+    import trtrag_cli.lexical as lexical
+
+    def boom(self, texts):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(lexical.LexicalIndex, "build", boom)
+    with pytest.raises(RuntimeError):
+        cli("index", corpus_copy, "--recipe", recipe, ok=None)
+    assert _current(recipe) == before
+    index_dir = Path(yaml.safe_load(recipe.read_text())["workspace"]) / "t" / "index"
+    assert not [p for p in index_dir.iterdir() if p.name.startswith(".tmp")]
+    monkeypatch.undo()
+    assert cli.json("ask", "gateways", "--recipe", recipe)["passages"]
+
+
+def test_workspace_lock_blocks_a_second_writer(cli, make_recipe, corpus_copy):
+    from trtrag_cli.artifacts import Workspace
+    from trtrag_cli.recipe import load_recipe
+
+    recipe = make_recipe()
+    with Workspace(load_recipe(recipe).workspace_dir()).lock():
+        res = cli("index", corpus_copy, "--recipe", recipe, ok=False)
+    assert "locked by another trtrag run" in _one_line_error(res)

@@ -1,0 +1,68 @@
+"""Text -> vectors behind one small interface; each backend is a module imported only when chosen."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from ..errors import TrtragError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# backend name -> module (relative to this package) exposing open_encoder(model_id, cache_dir, threads,
+# max_tokens). None: a known name whose module does not exist yet.
+BACKENDS: dict[str, str | None] = {
+    "onnxruntime": ".onnxruntime",
+    "torch": None,
+    "tensorrt": None,
+}
+# "auto" tries these in order and takes the first that is available.
+AUTO_ORDER = ("onnxruntime",)
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Embeds texts as float32 [n, dim] L2-normalised rows; a context manager that frees its session."""
+
+    name: str
+    dim: int
+    max_tokens: int
+
+    def encode(self, texts: list[str], batch_size: int = 64,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Embeddings of texts, in input order."""
+        ...
+
+    def close(self) -> None:
+        """Release the runtime session and its memory."""
+        ...
+
+    def __enter__(self) -> Encoder: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+def resolve_backend(backend: str) -> str:
+    """Concrete backend name for a requested one ("auto" picks the first available)."""
+    if backend == "auto":
+        for name in AUTO_ORDER:
+            if BACKENDS.get(name):
+                return name
+        raise TrtragError("no encoder backend is available", "run: pip install 'trtrag[cpu]'")
+    if backend not in BACKENDS:
+        raise TrtragError(f"unknown encoder backend {backend!r}",
+                          f"use one of: auto, {', '.join(BACKENDS)}")
+    if BACKENDS[backend] is None:
+        raise TrtragError(f"backend {backend} is not available yet", "use --backend onnxruntime")
+    return backend
+
+
+def open_encoder(model_id: str, backend: str, cache_dir: Path, threads: int = 0,
+                 max_tokens: int = 256) -> Encoder:
+    """Open an Encoder for model_id on backend ("auto", "onnxruntime", ...), caching exports in cache_dir."""
+    name = resolve_backend(backend)
+    module = importlib.import_module(BACKENDS[name], __name__)
+    return module.open_encoder(model_id, Path(cache_dir), threads=threads, max_tokens=max_tokens)
