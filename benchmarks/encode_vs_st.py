@@ -45,6 +45,7 @@ DETAILS = ["Most of the savings came from removing duplicate work.",
            "The team published a short summary for anyone who wants the details.",
            "Feedback from early testers was mostly positive, with a few concerns about speed.",
            "Questions about eligibility should be sent to the help desk by email."]
+MONTHS = ["March", "June", "September", "December"]
 QUESTIONS = ["how do I reset my password", "what is the refund policy for late deliveries",
              "when does the nightly backup run", "who approved the energy budget",
              "why did response time improve", "where can I find the onboarding guide",
@@ -65,9 +66,9 @@ def synthetic_docs(n: int, seed: int = 0) -> list[str]:
             else:
                 sentence = (f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
                             f"{rng.choice(CLAUSES)}, reaching {rng.randint(2, 97)} percent in "
-                            f"{rng.choice(['March', 'June', 'September', 'December'])} {rng.randint(2015, 2025)}.")
+                            f"{rng.choice(MONTHS)} {rng.randint(2015, 2025)}.")
             words.extend(sentence.split())
-        docs.append(" ".join(words[:target]).rstrip(",") + ".")
+        docs.append(" ".join(words[:target]).rstrip(",.") + ".")
     return docs
 
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from trtrag_cli.encoders.models import model_dir
-    from trtrag_cli.encoders.onnxruntime import open_encoder, physical_cores
+    from trtrag_cli.encoders.onnxruntime import RUN_TOKENS, open_encoder, physical_cores
 
     docs = read_jsonl(args.jsonl, args.n) if args.jsonl else synthetic_docs(args.n)
     qs = questions(args.queries)
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     for fn in systems.values():  # warm-up: first-call allocations, lazy inits
         fn(docs[:64])
     runs: dict[str, list[float]] = {name: [] for name in systems}
+    loads: dict[str, list[float]] = {name: [] for name in systems}
     names = list(systems)
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
             t = time.perf_counter()
             systems[name](docs)
             runs[name].append(len(docs) / (time.perf_counter() - t))
+            loads[name].append(round(os.getloadavg()[0], 2))
             log(f"  round {r + 1} {name:10s} {runs[name][-1]:7.1f} docs/s  (load {os.getloadavg()[0]:.2f})")
 
     one = {name: (lambda q, e=enc: e.encode([q], batch_size=1)) for name, enc in encoders.items()}
@@ -177,11 +180,13 @@ def main(argv: list[str] | None = None) -> dict:
         latencies[name] = {"p50": round(percentile(ms, 50), 3), "p90": round(percentile(ms, 90), 3),
                            "mean": round(statistics.mean(ms), 3)}
 
-    throughput = {name: summary(v) for name, v in runs.items()}
+    throughput = {name: {**summary(v), "load_avg_1m": loads[name]} for name, v in runs.items()}
     result = {
         "model": args.model,
-        "docs": {"n": len(docs), "source": str(args.jsonl or "synthetic"), "mean_tokens": round(mean_tokens, 1)},
-        "settings": {"rounds": args.rounds, "ort_batch": args.ort_batch, "st_batch": args.st_batch,
+        "docs": {"n": len(docs), "source": str(args.jsonl or "synthetic"),
+                 "mean_tokens": round(mean_tokens, 1)},
+        "settings": {"rounds": args.rounds, "ort_batch": args.ort_batch, "ort_run_tokens": RUN_TOKENS,
+                     "st_batch": args.st_batch,
                      "threads": args.threads or physical_cores()},
         "throughput_docs_per_s": throughput,
         "query_latency_ms": latencies,

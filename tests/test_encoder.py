@@ -137,6 +137,7 @@ def test_cached_export_is_reused(cache_root, monkeypatch):
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")} == before
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["model_id"] == MODEL and len(manifest["weights"]["sha256"]) == 64
+    assert manifest["fusions"].get("Attention") == 6  # the optimizer found every layer's attention
     assert set(manifest["versions"]) == {"torch", "transformers", "onnx", "onnxruntime"}
 
 
@@ -177,6 +178,13 @@ def test_corrupt_model_file_gives_one_line_error(tmp_path):
     with pytest.raises(TrtragError) as err:
         ortenc.OrtEncoder(bad, model_info(MODEL))
     assert "\n" not in str(err.value) and "re-export" in str(err.value)
+
+
+def test_export_check_rejects_drift(cache_root):
+    ids, mask = ortenc._sample_batch(model_info(MODEL))
+    path = ortenc.cache_folder(cache_root, MODEL) / "model.fused.onnx"
+    with pytest.raises(TrtragError, match="disagrees with torch"):
+        ortenc._check_against_torch(path, ids, mask, np.eye(len(ids), 384, dtype=np.float32))
 
 
 def test_backend_table_errors(tmp_path):

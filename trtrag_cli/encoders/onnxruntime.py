@@ -7,8 +7,11 @@ The exported graph holds the whole encoder (BERT, masked pooling, L2 normalisati
   model.fused.onnx  the same after ORT's transformer optimizer fused attention, LayerNorm and GELU
   manifest.json     model id, weight sha256, library versions, sha256/size of both files
 
-The fused graph is the default because it measured faster on a 2-core EPYC (benchmarks/encode_vs_st.py):
-~80 vs ~63 docs/s for ~70-word paragraphs and 2.5 vs 3.5 ms per short query.
+The fused graph is the default: on a 2-core AMD EPYC (AVX2, no AVX-512) it matched the plain graph's
+throughput (ORT fuses LayerNorm and GELU itself at load time) and was faster for single queries and to
+load (p50 3.6-4.8 vs 4.6-5.7 ms; 0.49 vs 0.59 s). FP32 throughput is bound by GEMM speed there
+(~150 GFLOP/s for 2 cores, ~1.9 GFLOP per 82-token paragraph): ORT reached 58-72 docs/s against
+sentence-transformers' 52-61, about 1.15x; more needs int8. Numbers: benchmarks/encode_vs_st.py.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,8 +46,10 @@ MANIFEST_FORMAT = 1
 VERSIONED = ("torch", "transformers", "onnx", "onnxruntime")
 TOKENIZE_CHUNK = 8192  # texts tokenized and length-sorted together; bounds memory for huge lists
 # Padded tokens per session.run. Smaller runs keep the FFN activations (tokens x 1536 floats) near
-# cache size: 16 x ~82-token paragraphs ran ~20% faster than 64 on a 2-core EPYC.
+# cache size: runs of ~12 x 82-token paragraphs gave 70 docs/s where runs of 64 gave 56 (2-core EPYC).
 RUN_TOKENS = 1024
+# Spinning intra-op threads: +10% docs/s and lower query latency on an idle machine; pass spin=False
+# where other processes compete for the cores (there it is the other way round).
 SPIN = True
 
 
@@ -87,7 +93,7 @@ def _file_matches(path: Path, record: dict | None) -> bool:
 
 # --------------------------------------------------------------------------------------------- export
 
-def _wrapped_model(info: ModelInfo):
+def _export_module(info: ModelInfo):
     """torch module: (input_ids, attention_mask, token_type_ids) -> L2-normalised pooled embeddings."""
     torch = deps.require("torch", "exporting the encoder to ONNX")
     transformers = deps.require("transformers", "exporting the encoder to ONNX")
@@ -114,30 +120,76 @@ def _wrapped_model(info: ModelInfo):
                 pooled = (hidden + (mask - 1.0) * 1e9).max(1).values
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
-    return torch, Encoder().eval()
+    return Encoder().eval()
 
 
-def export_onnx(model_dir: Path, out_path: Path) -> dict[str, Path]:
-    """Export model_dir to out_path (plain) and a fused copy beside it; returns {"plain", "fused"} paths."""
+@dataclass(frozen=True)
+class Exported:
+    """Files written by export_onnx and the operator fusions the optimizer reported."""
+
+    plain: Path
+    fused: Path
+    fusions: dict[str, int]
+
+
+def export_onnx(model_dir: Path, out_path: Path) -> Exported:
+    """Export model_dir to out_path (plain graph) and a fused copy beside it (<stem>.fused.onnx)."""
+    torch = deps.require("torch", "exporting the encoder to ONNX")
     info = model_info(str(model_dir))
-    torch, module = _wrapped_model(info)
+    module = _export_module(info)
     out_path = Path(out_path)
     fused_path = out_path.with_name(out_path.stem + ".fused.onnx")
-    # Padding in the example keeps the traced mask arithmetic general.
-    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0]], dtype=torch.int64)
-    mask = (ids != 0).to(torch.int64)
+    ids, mask = _sample_batch(info)
+    sample = (torch.from_numpy(ids), torch.from_numpy(mask), torch.zeros_like(torch.from_numpy(ids)))
     axes = {0: "batch", 1: "sequence"}
-    with _atomic_path(out_path) as tmp, torch.inference_mode(), warnings.catch_warnings():
+    with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; failures still raise
-        # dynamo=False: the TorchScript exporter's graph is the one ORT's BERT fusions recognise
-        # (the dynamo export fuses no Attention and no EmbedLayerNormalization).
-        torch.onnx.export(
-            module, (ids, mask, torch.zeros_like(ids)), str(tmp), dynamo=False,
-            input_names=list(INPUTS), output_names=[OUTPUT], opset_version=OPSET,
-            dynamic_axes={**{name: axes for name in INPUTS}, OUTPUT: {0: "batch"}},
-        )
-    _fuse(out_path, fused_path, info)
-    return {"plain": out_path, "fused": fused_path}
+        expected = module(*sample).numpy()
+        with _atomic_path(out_path) as tmp:
+            # dynamo=False: the TorchScript exporter's graph is the one ORT's BERT fusions recognise
+            # (the dynamo export fuses no Attention and no EmbedLayerNormalization).
+            torch.onnx.export(
+                module, sample, str(tmp), dynamo=False, input_names=list(INPUTS), output_names=[OUTPUT],
+                opset_version=OPSET, dynamic_axes={**{name: axes for name in INPUTS}, OUTPUT: {0: "batch"}},
+            )
+    fusions = _fuse(out_path, fused_path, info)
+    for path in (out_path, fused_path):
+        _check_against_torch(path, ids, mask, expected)
+    return Exported(out_path, fused_path, fusions)
+
+
+def _pad(ids: list[list[int]], width: int):
+    """Right-padded int64 input_ids and attention_mask for token id lists no longer than width."""
+    import numpy as np
+
+    input_ids = np.zeros((len(ids), width), dtype=np.int64)
+    attention_mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, :len(seq)] = seq
+        attention_mask[row, :len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def _sample_batch(info: ModelInfo):
+    """A padded batch of real token ids: traced with padding so the mask arithmetic stays general."""
+    texts = ["Hello world.", "",
+             "A longer sentence, so that the other rows of this batch are padded: " + "vectors " * 20]
+    ids = [e.ids for e in load_tokenizer(info.dir, info.max_seq_length).encode_batch(texts)]
+    return _pad(ids, max(map(len, ids)))
+
+
+def _check_against_torch(path: Path, ids, mask, expected) -> None:
+    """Fail the export if ONNX Runtime's embeddings of the sample batch drift from torch's."""
+    import numpy as np
+
+    ort = deps.require("onnxruntime", "checking the exported encoder")
+    session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    got = session.run([OUTPUT], {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+    worst = float((got * expected).sum(1).min())
+    if worst < 0.99999:
+        raise TrtragError(f"exported {path.name} disagrees with torch (cosine {worst:.6f})",
+                          "check the torch/transformers/onnxruntime versions; report it with manifest.json")
 
 
 def _fuse(src: Path, dst: Path, info: ModelInfo) -> dict[str, int]:
@@ -186,14 +238,11 @@ def _export_lock(cache_dir: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:
-        yield
-        return
+        fcntl = None
     with open(cache_dir / ".export.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def ensure_onnx(model_id: str, cache_dir: Path, variant: str = DEFAULT_VARIANT) -> Path:
@@ -211,11 +260,12 @@ def ensure_onnx(model_id: str, cache_dir: Path, variant: str = DEFAULT_VARIANT) 
         if not info.weights.is_file():
             raise TrtragError(f"{info.dir} has no model.safetensors", "re-save the model with safetensors")
         started = time.perf_counter()
-        paths = export_onnx(info.dir, cache_dir / VARIANTS["plain"])
+        exported = export_onnx(info.dir, cache_dir / VARIANTS["plain"])
         manifest = {
             **_wanted(info),
             "weights": _file_record(info.weights),
-            "files": {name: _file_record(path) for name, path in paths.items()},
+            "files": {"plain": _file_record(exported.plain), "fused": _file_record(exported.fused)},
+            "fusions": exported.fusions,
             "default": DEFAULT_VARIANT,
             "export_seconds": round(time.perf_counter() - started, 2),
         }
@@ -236,20 +286,21 @@ def cache_folder(cache_dir: Path, model_id: str) -> Path:
 # -------------------------------------------------------------------------------------------- runtime
 
 def physical_cores() -> int:
-    """Physical cores this process may run on (hyperthreads slow ORT's GEMMs down, so don't count them)."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Physical cores this process may use: affinity, hyperthread siblings and cgroup quota applied."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     cores = set()
-    with contextlib.suppress(OSError):
-        block: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
-            key, _, value = line.partition(":")
-            if key.strip():
-                block[key.strip()] = value.strip()
-            elif block:
-                cores.add((block.get("physical id"), block.get("core id")))
-                block = {}
-    physical = len(cores) if cores and (None, None) not in cores else logical
-    return max(1, min(physical, logical))
+    with contextlib.suppress(OSError, ValueError):
+        for block in Path("/proc/cpuinfo").read_text().split("\n\n"):
+            fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in block.splitlines())}
+            if "core id" in fields and int(fields.get("processor", -1)) in allowed:
+                cores.add((fields.get("physical id"), fields["core id"]))
+    count = len(cores) or len(allowed)
+    # A container limited to N CPUs by quota still sees every host CPU in its affinity mask.
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, -(-int(quota) // int(period)))
+    return max(1, count)
 
 
 def session_options(threads: int = 0, spin: bool = SPIN):
@@ -325,11 +376,7 @@ class OrtEncoder:
     def _run(self, ids: list[list[int]], width: int) -> np.ndarray:
         import numpy as np
 
-        input_ids = np.zeros((len(ids), width), dtype=np.int64)
-        attention_mask = np.zeros((len(ids), width), dtype=np.int64)
-        for row, seq in enumerate(ids):
-            input_ids[row, :len(seq)] = seq
-            attention_mask[row, :len(seq)] = 1
+        input_ids, attention_mask = _pad(ids, width)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "token_type_ids": np.zeros_like(input_ids)}
         return self._session.run([OUTPUT], {name: feeds[name] for name in self._inputs})[0]
@@ -346,8 +393,9 @@ class OrtEncoder:
 
 
 def open_encoder(model_id: str, cache_dir: Path, threads: int = 0, max_tokens: int = 256,
-                 variant: str = DEFAULT_VARIANT) -> OrtEncoder:
+                 variant: str = DEFAULT_VARIANT, spin: bool = SPIN) -> OrtEncoder:
     """OrtEncoder for model_id, exporting into cache_dir/onnx/<model> on first use."""
     path = ensure_onnx(model_id, cache_folder(cache_dir, model_id), variant)
     label = "onnxruntime-fp32" if variant == DEFAULT_VARIANT else f"onnxruntime-fp32-{variant}"
-    return OrtEncoder(path, model_info(model_id), threads=threads, max_tokens=max_tokens, label=label)
+    return OrtEncoder(path, model_info(model_id), threads=threads, max_tokens=max_tokens, label=label,
+                      spin=spin)
