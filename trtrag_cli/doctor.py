@@ -43,7 +43,8 @@ def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
     encoder_ok = available("onnxruntime") if enc_choice == "onnxruntime" else available(enc_choice)
     faiss_gpu = bool(gpu_list) and version("faiss-gpu") is not None
     return {
-        "encoder": {"backend": enc_choice, "ok": encoder_ok, "why": why, "model": recipe.encoder.model},
+        "encoder": {"backend": enc_choice, "ok": encoder_ok, "why": why, "model": recipe.encoder.model,
+                    "precision": recipe.encoder.precision},
         "vector_index": {"backend": "faiss-gpu" if faiss_gpu else "faiss-cpu", "ok": available("faiss"),
                          "kind": recipe.index.kind,
                          "why": "GPU and faiss-gpu present" if faiss_gpu else "no GPU with faiss-gpu: CPU faiss"},

@@ -28,7 +28,7 @@ def open_recipe_encoder(recipe: Recipe, ws: Workspace):
 
     enc = recipe.encoder
     return open_encoder(enc.model, enc.backend, encoder_cache(recipe), threads=enc.threads,
-                        max_tokens=enc.max_tokens)
+                        max_tokens=enc.max_tokens, precision=enc.precision)
 
 
 def encoder_cache(recipe: Recipe) -> Path:

@@ -82,11 +82,12 @@ class Retriever:
         self.manifest = load_manifest(gen)
         self.encoder = encoder or open_recipe_encoder(recipe, ws)
         self._owns_encoder = encoder is None
-        built_with = self.manifest["encoder"]["name"]
-        if built_with != self.encoder.name:
+        built_with, query_encoder = self.manifest["encoder"]["name"], self.encoder.name
+        if built_with != query_encoder:
             self.close()
             raise TrtragError(f"the index was built with encoder '{built_with}' but queries would be encoded "
-                              f"by '{self.encoder.name}'", f"re-run: trtrag index <corpus> --recipe {recipe.source}")
+                              f"by '{query_encoder}'",
+                              f"re-index with this recipe: trtrag index <corpus> --recipe {recipe.source}")
         self.store = ChunkStore.load(gen)
         self.vindex = VectorIndex.load(gen / "vectors.faiss", recipe.index, self.manifest["encoder"]["dim"])
         self.lexical = LexicalIndex.load(gen / "bm25", recipe.lexical)

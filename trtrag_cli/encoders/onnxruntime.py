@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT = "embeddings"
 OPSET = 17
-VARIANTS = {"fused": "model.fused.onnx", "plain": "model.onnx"}
+VARIANTS = {"fused": "model.fused.onnx", "plain": "model.onnx", "int8": "model.int8.onnx"}
+# precision in the recipe -> the variant that serves it on the CPU
+PRECISIONS = {"fp32": "fused", "int8": "int8"}
 DEFAULT_VARIANT = "fused"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -98,6 +100,7 @@ def _export_module(info: ModelInfo):
     torch = deps.require("torch", "exporting the encoder to ONNX")
     transformers = deps.require("transformers", "exporting the encoder to ONNX")
 
+    transformers.utils.logging.disable_progress_bar()  # its weight-loading bar would break Rich's output
     # Eager attention traces into MatMul/Softmax patterns that ORT's optimizer fuses into one
     # Attention op; the SDPA path does not fuse.
     bert = transformers.AutoModel.from_pretrained(str(info.dir), attn_implementation="eager").float().eval()
@@ -208,6 +211,35 @@ def _fuse(src: Path, dst: Path, info: ModelInfo) -> dict[str, int]:
     return stats
 
 
+def _quantize_weights(src: Path, dst: Path) -> None:
+    """Dynamic INT8: per-channel signed weights, activations quantized per batch at run time.
+
+    No calibration, and the fastest INT8 form on AVX2 CPUs (u8 x s8 kernels). It is the CPU engine;
+    the calibrated static Q/DQ model is what TensorRT builds from.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _atomic_path(dst) as tmp:
+        quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"])
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ORT's quantization package calls logging.basicConfig on import and logs advice through the root
+    logger; undo both, so the rest of the process logs as it did before."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
+
+
 # ---------------------------------------------------------------------------------------------- cache
 
 def _wanted(info: ModelInfo) -> dict:
@@ -260,11 +292,14 @@ def ensure_onnx(model_id: str, cache_dir: Path, variant: str = DEFAULT_VARIANT) 
         if not info.weights.is_file():
             raise TrtragError(f"{info.dir} has no model.safetensors", "re-save the model with safetensors")
         started = time.perf_counter()
-        exported = export_onnx(info.dir, cache_dir / VARIANTS["plain"])
+        with _quiet_root_logger():
+            exported = export_onnx(info.dir, cache_dir / VARIANTS["plain"])
+            _quantize_weights(exported.plain, cache_dir / VARIANTS["int8"])
         manifest = {
             **_wanted(info),
             "weights": _file_record(info.weights),
-            "files": {"plain": _file_record(exported.plain), "fused": _file_record(exported.fused)},
+            "files": {"plain": _file_record(exported.plain), "fused": _file_record(exported.fused),
+                      "int8": _file_record(cache_dir / VARIANTS["int8"])},
             "fusions": exported.fusions,
             "default": DEFAULT_VARIANT,
             "export_seconds": round(time.perf_counter() - started, 2),
@@ -396,6 +431,7 @@ def open_encoder(model_id: str, cache_dir: Path, threads: int = 0, max_tokens: i
                  variant: str = DEFAULT_VARIANT, spin: bool = SPIN) -> OrtEncoder:
     """OrtEncoder for model_id, exporting into cache_dir/onnx/<model> on first use."""
     path = ensure_onnx(model_id, cache_folder(cache_dir, model_id), variant)
-    label = "onnxruntime-fp32" if variant == DEFAULT_VARIANT else f"onnxruntime-fp32-{variant}"
+    labels = {DEFAULT_VARIANT: "onnxruntime-fp32", "int8": "onnxruntime-int8"}
+    label = labels.get(variant, f"onnxruntime-fp32-{variant}")
     return OrtEncoder(path, model_info(model_id), threads=threads, max_tokens=max_tokens, label=label,
                       spin=spin)
