@@ -61,8 +61,12 @@ def resolve_backend(backend: str) -> str:
 
 
 def open_encoder(model_id: str, backend: str, cache_dir: Path, threads: int = 0,
-                 max_tokens: int = 256) -> Encoder:
+                 max_tokens: int = 256, precision: str = "fp32") -> Encoder:
     """Open an Encoder for model_id on backend ("auto", "onnxruntime", ...), caching exports in cache_dir."""
     name = resolve_backend(backend)
     module = importlib.import_module(BACKENDS[name], __name__)
-    return module.open_encoder(model_id, Path(cache_dir), threads=threads, max_tokens=max_tokens)
+    if precision not in module.PRECISIONS:
+        raise TrtragError(f"the {name} encoder has no {precision} engine",
+                          f"use encoder.precision: {' or '.join(module.PRECISIONS)} with this backend")
+    return module.open_encoder(model_id, Path(cache_dir), threads=threads, max_tokens=max_tokens,
+                               variant=module.PRECISIONS[precision])
