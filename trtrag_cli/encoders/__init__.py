@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 # max_tokens). None: a known name whose module does not exist yet.
 BACKENDS: dict[str, str | None] = {
     "onnxruntime": ".onnxruntime",
-    "torch": None,
+    "torch": ".torch",
     "tensorrt": None,
 }
 # "auto" tries these in order and takes the first that is available.
