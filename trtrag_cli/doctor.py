@@ -37,10 +37,11 @@ def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
     """Backend per stage with the reason it was chosen."""
     enc = recipe.encoder.backend
     if enc == "auto":
-        enc_choice, why = "onnxruntime", "auto: the only encoder backend built so far (CPU)"
+        enc_choice, why = "onnxruntime", ("auto: ONNX Runtime on the CPU; the CUDA-graph GPU encoder is chosen "
+                                          "by name (encoder.backend: torch, precision fp16)")
     else:
         enc_choice, why = enc, "named in the recipe"
-    encoder_ok = available("onnxruntime") if enc_choice == "onnxruntime" else available(enc_choice)
+    encoder_ok = available(enc_choice) if enc_choice in ("onnxruntime", "torch") else False
     faiss_gpu = bool(gpu_list) and version("faiss-gpu") is not None
     return {
         "encoder": {"backend": enc_choice, "ok": encoder_ok, "why": why, "model": recipe.encoder.model,

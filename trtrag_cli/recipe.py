@@ -23,7 +23,7 @@ DEFAULT_RECIPE = Path("recipes/default.yaml")
 class EncoderConfig:
     model: str = "all-MiniLM-L6-v2"
     backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
     max_tokens: int = 256
     batch_size: int = 64
     threads: int = 0
