@@ -46,7 +46,6 @@ DEFAULT_VARIANT = "fused"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 VERSIONED = ("torch", "transformers", "onnx", "onnxruntime")
-TOKENIZE_CHUNK = 8192  # texts tokenized and length-sorted together; bounds memory for huge lists
 # Padded tokens per session.run. Smaller runs keep the FFN activations (tokens x 1536 floats) near
 # cache size: runs of ~12 x 82-token paragraphs gave 70 docs/s where runs of 64 gave 56 (2-core EPYC).
 RUN_TOKENS = 1024
@@ -385,27 +384,19 @@ class OrtEncoder:
             raise RuntimeError(f"{self.name} is closed")
         if batch_size < 1:
             raise TrtragError(f"batch_size must be at least 1, got {batch_size}")
+        from .batching import length_sorted_batches
+
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         done = 0
-        for start in range(0, len(texts), TOKENIZE_CHUNK):
-            chunk = list(texts[start:start + TOKENIZE_CHUNK])
-            # encode_batch fans out over threads; for one text that costs more than it saves.
-            encodings = ([self._tokenizer.encode(chunk[0])] if len(chunk) == 1
-                         else self._tokenizer.encode_batch(chunk))
-            lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-            # Longest first: padding only to each batch's longest text, and the largest buffers
-            # are allocated on the first batch instead of growing later.
-            order = np.argsort(-lengths, kind="stable")
-            for first in range(0, len(order), batch_size):
-                rows = order[first:first + batch_size]
-                # Split the batch so one run's activations stay cache-sized (see RUN_TOKENS).
-                per_run = max(1, self.run_tokens // int(lengths[rows[0]]))
-                for sub in range(0, len(rows), per_run):
-                    part = rows[sub:sub + per_run]
-                    out[start + part] = self._run([encodings[i].ids for i in part], int(lengths[part[0]]))
-                done += len(rows)
-                if progress is not None:
-                    progress(done)
+        for rows, ids in length_sorted_batches(self._tokenizer, texts, batch_size):
+            # Split the batch so one run's activations stay cache-sized (see RUN_TOKENS).
+            per_run = max(1, self.run_tokens // len(ids[0]))
+            for sub in range(0, len(rows), per_run):
+                part = ids[sub:sub + per_run]
+                out[rows[sub:sub + per_run]] = self._run(part, len(part[0]))
+            done += len(rows)
+            if progress is not None:
+                progress(done)
         return out
 
     def _run(self, ids: list[list[int]], width: int) -> np.ndarray:

@@ -34,7 +34,6 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SEQ_BUCKETS = (16, 32, 64, 128, 256)
 WARMUP_RUNS = 3  # eager runs on a side stream before capture (cuBLAS handles, SDPA kernel choice)
-TOKENIZE_CHUNK = 8192  # texts tokenized and length-sorted together; bounds memory for huge lists
 # Ops that read tensor data on the host: each synchronises, so none may run inside a captured forward.
 HOST_SYNC_OPS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
                            "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim"})
@@ -282,22 +281,17 @@ class TorchEncoder:
             raise RuntimeError(f"{self.name} has no tokenizer; feed token ids to _run")
         if batch_size < 1:
             raise TrtragError(f"batch_size must be at least 1, got {batch_size}")
+        from .batching import length_sorted_batches
+
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         done = 0
-        for start in range(0, len(texts), TOKENIZE_CHUNK):
-            chunk = list(texts[start:start + TOKENIZE_CHUNK])
-            encodings = ([self._tokenizer.encode(chunk[0])] if len(chunk) == 1
-                         else self._tokenizer.encode_batch(chunk))
-            lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-            order = np.argsort(-lengths, kind="stable")  # longest first: each batch pads to its own bucket
-            for first in range(0, len(order), batch_size):
-                rows = order[first:first + batch_size]
-                packed = self._pack([encodings[i].ids for i in rows])
-                with self._lock, self._torch.inference_mode():
-                    out[start + rows] = self._run(packed)[:len(rows)].cpu().numpy()
-                done += len(rows)
-                if progress is not None:
-                    progress(done)
+        for rows, ids in length_sorted_batches(self._tokenizer, texts, batch_size):
+            packed = self._pack(ids)  # each batch pads to its own bucket
+            with self._lock, self._torch.inference_mode():
+                out[rows] = self._run(packed)[:len(rows)].cpu().numpy()
+            done += len(rows)
+            if progress is not None:
+                progress(done)
         return out
 
     def close(self) -> None:

@@ -1,0 +1,26 @@
+"""Length-sorted batching shared by the encoder backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+TOKENIZE_CHUNK = 8192  # texts tokenized and length-sorted together; bounds memory for huge lists
+
+
+def length_sorted_batches(tokenizer, texts: Sequence[str], batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
+    """Yield (row indices into texts, token id lists), longest first, at most batch_size rows each.
+
+    Longest first: each batch pads only to its own longest text, and the largest buffers are allocated
+    on the first batch instead of growing later.
+    """
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = list(texts[start:start + TOKENIZE_CHUNK])
+        # encode_batch fans out over threads; for one text that costs more than it saves.
+        encodings = [tokenizer.encode(chunk[0])] if len(chunk) == 1 else tokenizer.encode_batch(chunk)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        order = np.argsort(-lengths, kind="stable")
+        for first in range(0, len(order), batch_size):
+            rows = order[first:first + batch_size]
+            yield start + rows, [encodings[i].ids for i in rows]
