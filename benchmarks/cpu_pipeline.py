@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -153,7 +152,8 @@ def main() -> None:
                        "median_docs_per_s": {k: round(v, 1) for k, v in med.items()},
                        "ratio_to_sentence_transformers": {
                            k: round(v / med["sentence_transformers"], 2) for k, v in med.items()}},
-        "ask": {"corpus_docs": len(docs), "precision": args.precision, "chunks": full["counts"]["chunks_total"], "index_seconds": round(index_s, 1),
+        "ask": {"corpus_docs": len(docs), "precision": args.precision, "chunks": full["counts"]["chunks_total"],
+                "index_seconds": round(index_s, 1),
                 "queries": len(questions), "mode": recipe.retrieve.mode,
                 "wall_ms": percentiles(wall), "stages_ms": {s: percentiles(v) for s, v in stages.items()}},
         "single_query_encode_ms": percentiles(encode),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +81,7 @@ def test_eval_on_example_queries(cli, indexed):
     report = cli.json("eval", "--queries", ROOT / "examples" / "queries.jsonl", "--modes", "bm25,dense,rrf,hybrid",
                       "--recipe", recipe)
     assert report["queries"] == 40 and report["unknown_relevant_count"] == 0
-    for mode, res in report["modes"].items():
+    for res in report["modes"].values():
         m = res["metrics"]
         assert 0 <= m["recall@1"] <= m["recall@5"] <= m["recall@10"] <= m["recall@100"] <= 1
         assert m["mrr@1"] <= m["mrr@10"]

@@ -64,7 +64,8 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise TrtragError(f"cannot read '{path}': {exc}", "delete the workspace folder and re-run the command") from None
+        raise TrtragError(f"cannot read '{path}': {exc}",
+                          "delete the workspace folder and re-run the command") from None
 
 
 def library_versions(names: tuple[str, ...] = ("numpy", "onnxruntime", "faiss-cpu", "bm25s", "tokenizers")) -> dict:

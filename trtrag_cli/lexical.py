@@ -95,5 +95,6 @@ class LexicalIndex:
         try:
             bm25 = bm25s.BM25.load(str(folder), mmap=False, show_progress=False)
         except (OSError, ValueError) as exc:
-            raise TrtragError(f"cannot read BM25 index '{folder}': {exc}", "re-run trtrag index to rebuild it") from None
+            raise TrtragError(f"cannot read BM25 index '{folder}': {exc}",
+                              "re-run trtrag index to rebuild it") from None
         return cls(cfg, bm25)

@@ -77,7 +77,8 @@ class ChunkStore:
             vectors = np.load(folder / VECTORS, mmap_mode=None)
             ids = np.load(folder / IDS)
         except (OSError, ValueError, TypeError) as exc:
-            raise TrtragError(f"the index in '{folder}' is damaged: {exc}", "re-run trtrag index to rebuild it") from None
+            raise TrtragError(f"the index in '{folder}' is damaged: {exc}",
+                              "re-run trtrag index to rebuild it") from None
         if not (len(records) == len(vectors) == len(ids)):
             raise TrtragError(f"the index in '{folder}' is damaged: row counts differ",
                               "re-run trtrag index to rebuild it")
