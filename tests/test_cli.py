@@ -52,6 +52,7 @@ def test_index_report(indexed):
     c = report["counts"]
     assert c["files_added"] == len([p for p in EXAMPLES.rglob("*") if p.is_file()])
     assert c["chunks_total"] >= 50 and c["chunks_embedded"] == c["chunks_total"]
+    assert report["documents_indexed"] == 50 and report["docs_per_s"] > 0  # 36 files + 14 jsonl lines
     assert report["encoder"].startswith("onnxruntime")
 
 

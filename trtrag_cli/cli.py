@@ -98,8 +98,9 @@ def index(paths: List[Path] = typer.Argument(..., help="Corpus folders or files.
         _emit_json(report)
         return
     c = report["counts"]
+    rate = f", {report['docs_per_s']} docs/s" if report["docs_per_s"] else ""
     console.print(f"indexed {c['chunks_total']} chunks into {report['workspace']} in {report['seconds']:.1f} s "
-                  f"(encoder {report['encoder']})")
+                  f"({report['documents_indexed']} documents embedded{rate}; encoder {report['encoder']})")
     console.print(f"files: {c['files_added']} added, {c['files_changed']} changed, {c['files_removed']} removed, "
                   f"{c['files_unchanged']} unchanged; chunks embedded: {c['chunks_embedded']}"
                   + (f" at {report['embed_chunks_per_s']} chunks/s" if report["embed_chunks_per_s"] else ""))

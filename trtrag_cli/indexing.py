@@ -178,11 +178,13 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
             (gen / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
             write_json(gen / MANIFEST, manifest)
     total_s = time.perf_counter() - t0
+    docs = sum(len(new_sources.get(e.key, [])) for e in changed + added)
     return {
         "workspace": str(ws.root), "counts": counts, "skipped": dict(report.skipped),
         "warnings": list(report.warnings), "notes": notes, "files_seen": report.files_seen,
         "seconds": round(total_s, 3), "embed_seconds": round(embed_s, 3),
         "embed_chunks_per_s": round(len(todo) / embed_s, 1) if todo and embed_s > 0 else None,
+        "documents_indexed": docs, "docs_per_s": round(docs / total_s, 1) if docs else None,
         "encoder": encoder.name,
     }
 
