@@ -245,3 +245,18 @@ def test_int8_engine_indexes_and_refuses_a_mismatched_index(cli, make_recipe, co
     assert res["passages"][0]["source"] == "policies/warranty-th-pg-series.md"
     res = cli("index", corpus_copy, "--recipe", recipe, "--set", "encoder.precision=fp16", ok=False)
     assert "no fp16 engine" in _one_line_error(res)
+
+
+def test_titles_are_indexed_with_their_text(cli, make_recipe, tmp_path):
+    root = tmp_path / "titled"
+    root.mkdir()
+    (root / "docs.jsonl").write_text(
+        json.dumps({"id": "ferry", "title": "Zanzibar ferry timetable", "text": "Boats leave at nine and at noon."})
+        + "\n" + json.dumps({"id": "bus", "title": "Airport shuttle", "text": "Buses leave every twenty minutes."})
+        + "\n")
+    recipe = make_recipe()
+    cli.json("index", root, "--recipe", recipe)
+    for mode in ("bm25", "dense"):
+        res = cli.json("ask", "Zanzibar timetable", "--mode", mode, "--recipe", recipe)
+        assert res["passages"][0]["source"] == "ferry"
+        assert res["passages"][0]["text"] == "Boats leave at nine and at noon."

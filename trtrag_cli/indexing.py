@@ -91,8 +91,23 @@ def _chunk_new_files(entries, report, recipe: Recipe, tokenizer):
     # One call for all files, so the tokenizer batches across many small files.
     chunks = chunk_documents(docs, tokenizer, recipe.chunking.max_tokens, recipe.chunking.overlap)
     records = [ChunkRecord(id=ch.id, source=ch.source, file=file_of[ch.source], ordinal=ch.ordinal,
-                           title=ch.title, text=ch.text, hash=ch.content_hash) for ch in chunks]
+                           title=ch.title, text=ch.text, hash=_hash(index_text(ch.title, ch.text)))
+               for ch in chunks]
     return records, sources
+
+
+def index_text(title: str, text: str) -> str:
+    """What is embedded and BM25-indexed: the text, led by its title when the text does not already
+    start with it (a .jsonl title field, an HTML <title>), so a title's words find its chunks."""
+    if title and title.strip().lower() not in text[: len(title) + 40].lower():
+        return f"{title.strip()}\n{text}"
+    return text
+
+
+def _hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = None) -> dict:
@@ -137,7 +152,7 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
                 new_vectors[i] = prev_store.vectors[known[r.hash]]
         t_embed = time.perf_counter()
         if todo:
-            texts = [new_records[i].text for i in todo]
+            texts = [index_text(new_records[i].title, new_records[i].text) for i in todo]
             cb = (lambda n: progress("embed", n, len(texts))) if progress else None
             new_vectors[todo] = encoder.encode(texts, batch_size=recipe.encoder.batch_size, progress=cb)
         embed_s = time.perf_counter() - t_embed
@@ -153,7 +168,7 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
             progress("index", 0, 1)
         vindex = _update_vectors(recipe, dim, prev_gen, prev_store, kept_rows, store, len(new_records))
         lexical = LexicalIndex(recipe.lexical)
-        lexical.build([r.text for r in store.records])
+        lexical.build([index_text(r.title, r.text) for r in store.records])
         if progress:
             progress("index", 1, 1)
 
