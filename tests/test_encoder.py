@@ -230,3 +230,16 @@ def test_int8_engine_stays_close_to_fp32(cache_root, encoder):
     assert cos.mean() >= 0.98 and cos.min() >= 0.95, cos
     with pytest.raises(TrtragError, match="no fp16 engine"):
         open_encoder(MODEL, "onnxruntime", cache_root, precision="fp16")
+
+
+def test_auto_picks_torch_only_with_a_gpu_and_a_precision_it_has(monkeypatch):
+    import trtrag_cli.encoders as encoders
+
+    from trtrag_cli.encoders import resolve_backend
+
+    assert resolve_backend("auto", "fp32") == ("torch" if encoders.gpu_present() else "onnxruntime")
+    monkeypatch.setattr(encoders, "gpu_present", lambda: True)
+    assert resolve_backend("auto", "fp16") == "torch"
+    assert resolve_backend("auto", "int8") == "onnxruntime"
+    monkeypatch.setattr(encoders, "gpu_present", lambda: False)
+    assert resolve_backend("auto", "fp16") == "onnxruntime"

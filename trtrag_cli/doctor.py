@@ -35,12 +35,16 @@ def gpus() -> list[dict]:
 
 def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
     """Backend per stage with the reason it was chosen."""
+    from .encoders import resolve_backend
+
     enc = recipe.encoder.backend
-    if enc == "auto":
-        enc_choice, why = "onnxruntime", ("auto: ONNX Runtime on the CPU; the CUDA-graph GPU encoder is chosen "
-                                          "by name (encoder.backend: torch, precision fp16)")
+    enc_choice = resolve_backend(enc, recipe.encoder.precision) if enc == "auto" else enc
+    if enc != "auto":
+        why = "named in the recipe"
+    elif enc_choice == "torch":
+        why = "auto: a CUDA GPU is present: torch with a CUDA graph per shape bucket"
     else:
-        enc_choice, why = enc, "named in the recipe"
+        why = "auto: no CUDA GPU (or int8 asked for): ONNX Runtime on the CPU"
     encoder_ok = available(enc_choice) if enc_choice in ("onnxruntime", "torch") else False
     faiss_gpu = bool(gpu_list) and version("faiss-gpu") is not None
     return {

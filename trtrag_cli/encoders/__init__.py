@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -45,9 +46,24 @@ class Encoder(Protocol):
     def __exit__(self, *exc) -> None: ...
 
 
-def resolve_backend(backend: str) -> str:
-    """Concrete backend name for a requested one ("auto" picks the first available)."""
+def gpu_present() -> bool:
+    """Whether torch sees a CUDA GPU; machines without NVIDIA device nodes never import torch to ask."""
+    if not any(Path("/dev").glob("nvidia[0-9]*")) or importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_backend(backend: str, precision: str = "fp32") -> str:
+    """Concrete backend name for a requested one.
+
+    "auto" takes the CUDA-graph torch encoder where a GPU is present and the precision is one it has
+    (fp32, fp16, bf16), else the first available CPU backend.
+    """
     if backend == "auto":
+        if precision != "int8" and gpu_present():
+            return "torch"
         for name in AUTO_ORDER:
             if BACKENDS.get(name):
                 return name
@@ -63,7 +79,7 @@ def resolve_backend(backend: str) -> str:
 def open_encoder(model_id: str, backend: str, cache_dir: Path, threads: int = 0,
                  max_tokens: int = 256, precision: str = "fp32") -> Encoder:
     """Open an Encoder for model_id on backend ("auto", "onnxruntime", ...), caching exports in cache_dir."""
-    name = resolve_backend(backend)
+    name = resolve_backend(backend, precision)
     module = importlib.import_module(BACKENDS[name], __name__)
     if precision not in module.PRECISIONS:
         raise TrtragError(f"the {name} encoder has no {precision} engine",
