@@ -6,6 +6,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import TrtragError
+
 TOKENIZE_CHUNK = 8192  # texts tokenized and length-sorted together; bounds memory for huge lists
 
 
@@ -15,6 +17,8 @@ def length_sorted_batches(tokenizer, texts: Sequence[str], batch_size: int) -> I
     Longest first: each batch pads only to its own longest text, and the largest buffers are allocated
     on the first batch instead of growing later.
     """
+    if batch_size < 1:
+        raise TrtragError(f"batch_size must be at least 1, got {batch_size}")
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = list(texts[start:start + TOKENIZE_CHUNK])
         # encode_batch fans out over threads; for one text that costs more than it saves.

@@ -382,8 +382,6 @@ class OrtEncoder:
 
         if self._session is None:
             raise RuntimeError(f"{self.name} is closed")
-        if batch_size < 1:
-            raise TrtragError(f"batch_size must be at least 1, got {batch_size}")
         from .batching import length_sorted_batches
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)

@@ -279,8 +279,6 @@ class TorchEncoder:
             raise RuntimeError(f"{self.name} is closed")
         if self._tokenizer is None:
             raise RuntimeError(f"{self.name} has no tokenizer; feed token ids to _run")
-        if batch_size < 1:
-            raise TrtragError(f"batch_size must be at least 1, got {batch_size}")
         from .batching import length_sorted_batches
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)
