@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--docs", type=int, default=20000, help="number of documents")
     p.add_argument("--queries", type=int, default=1000, help="number of queries")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--calibration", type=int, default=6144,
+                   help="synopses of other indexed packages written to calibration.txt (0: none)")
     p.add_argument("--source", choices=("debian", "man"), default="debian")
     p.add_argument("--min-words", type=int, default=MIN_WORDS,
                    help="skip documents shorter than this many words")
@@ -221,6 +223,14 @@ def sample_queries(pool, docs, n_queries, seed):
     return eligible[:n_queries]
 
 
+def sample_calibration(docs, queries, n, seed):
+    """Synopses of indexed documents that are not queries: domain queries for `trtrag calibrate`."""
+    asked = {it[0] for it in queries}
+    rest = sorted((it for it in docs if it[0] not in asked), key=lambda it: it[0])
+    random.Random(seed + 2).shuffle(rest)
+    return [synopsis for _, synopsis, _ in rest[:n]]
+
+
 def write_jsonl(path, rows):
     """Write rows as JSON lines, creating parent directories."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -229,12 +239,15 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def write_outputs(out, docs, queries):
-    """Write corpus/docs.jsonl (sorted by id) and queries.jsonl."""
+def write_outputs(out, docs, queries, calibration=()):
+    """Write corpus/docs.jsonl (sorted by id), queries.jsonl and calibration.txt."""
     write_jsonl(os.path.join(out, "corpus", "docs.jsonl"),
                 ({"id": i, "text": t} for i, _, t in sorted(docs, key=lambda it: it[0])))
     write_jsonl(os.path.join(out, "queries.jsonl"),
                 ({"query": q, "relevant": [i]} for i, q, _ in queries))
+    if calibration:
+        with open(os.path.join(out, "calibration.txt"), "w", encoding="utf-8") as f:
+            f.writelines(line.replace("\n", " ") + "\n" for line in calibration)
 
 
 def main(argv=None):
@@ -248,9 +261,10 @@ def main(argv=None):
     pool = filter_items(raw, args.min_words)
     docs = sample_docs(pool, args.docs, args.seed)
     queries = sample_queries(pool, docs, args.queries, args.seed)
-    write_outputs(args.out, docs, queries)
+    calibration = sample_calibration(docs, queries, args.calibration, args.seed)
+    write_outputs(args.out, docs, queries, calibration)
     print(f"source={args.source} raw={len(raw)} usable={len(pool)} "
-          f"docs={len(docs)} queries={len(queries)} -> {args.out}")
+          f"docs={len(docs)} queries={len(queries)} calibration={len(calibration)} -> {args.out}")
     return 0
 
 

@@ -139,3 +139,22 @@ class Workspace:
         for old in self.index_root.iterdir():
             if old.is_dir() and old != final and (old == previous or old.name.startswith(("gen-", ".tmp-gen-"))):
                 shutil.rmtree(old, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def publish_dir(self, name: str) -> Iterator[Path]:
+        """Yield a temporary folder that replaces root/name only if the block succeeds."""
+        final = self.root / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = None
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{os.getpid()}-{tmp.name[-6:]}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

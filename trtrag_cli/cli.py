@@ -113,6 +113,91 @@ def index(paths: List[Path] = typer.Argument(..., help="Corpus folders or files.
 
 @app.command()
 @command
+def calibrate(queries: Optional[Path] = typer.Option(None, "--queries", "-q", help="Domain queries: text (one "
+                                                      "per line) or jsonl; default: the recipe's calibrate.queries."),
+              method: Optional[str] = typer.Option(None, "--method", help="entropy, percentile or max."),
+              batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Queries per batch (>= 1024)."),
+              iterations: Optional[int] = typer.Option(None, "--iterations", help="Most batches to run."),
+              eval_file: Optional[Path] = typer.Option(None, "--eval", help="queries.jsonl for the recall gate."),
+              strict: bool = typer.Option(False, "--strict", help="Exit 1 when INT8 cannot meet the gate."),
+              recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
+              as_json: bool = JsonOpt) -> None:
+    """INT8 calibration on domain queries: ranges, Q/DQ ONNX, TensorRT cache, and the accuracy gate."""
+    from .calibrate import run_calibrate
+
+    cfg = _recipe(recipe, set_)
+    console = _console()
+
+    def progress(event: dict) -> None:
+        if as_json:
+            return
+        if "gate" in event:
+            g = event["gate"]
+            console.print(f"gate: {g['kept_float']} MatMuls in float: mean cosine {g['mean_cosine']:.4f}"
+                          + (f", recall@10 drop {g['recall@10_drop']:+.4f}" if "recall@10_drop" in g else ""),
+                          markup=False)
+            return
+        drift = "-" if event["drift"] is None else f"{event['drift']:.2%}"
+        console.print(f"iteration {event['iteration']}: {event['queries']} queries, drift {drift}, "
+                      f"{event['seconds']:.1f} s, peak RSS {event['peak_rss_mib']} MiB", markup=False)
+
+    report = run_calibrate(cfg, queries, method, batch_size, iterations, strict, eval_file, progress)
+    if as_json:
+        _emit_json(report)
+        return
+    g = report["gate"]
+    final = g["final"]
+    console.print(f"calibrated {report['sites']} MatMuls ({report['method']}) on {report['queries']['count']} "
+                  f"queries in {report['iterations']} batches of {report['queries']['batch_size']}; "
+                  f"{'stable' if report['stable'] else 'NOT stable'}; peak RSS {report['peak_rss_mib']} MiB")
+    console.print(f"gate {'passed' if g['passed'] else 'FAILED'}: mean cosine {final['mean_cosine']:.4f} "
+                  f"(min {final['min_cosine']:.4f})"
+                  + (f", top-10 overlap {final['top10_overlap']:.3f}" if "top10_overlap" in final else "")
+                  + (f", recall@10 {final['recall@10']:.3f} vs fp32 {final['recall@10_fp32']:.3f}"
+                     if "recall@10" in final else "")
+                  + f"; {g['quantized']}/{g['total']} MatMuls INT8", markup=False)
+    for name in g["kept_float"]:
+        console.print(f"  kept in float: {name} (alone it lost {g['sensitivity'][name]:.5f} cosine)", markup=False)
+    console.print(f"wrote {report['path']}")
+    _print_warnings(console, report["warnings"])
+
+
+@app.command("build-engine")
+@command
+def build_engine(int8: bool = typer.Option(False, "--int8", help="INT8 from the calibration."),
+                 fp16: bool = typer.Option(False, "--fp16", help="FP16 (GPU)."),
+                 fp32: bool = typer.Option(False, "--fp32", help="FP32."),
+                 backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, onnxruntime or torch."),
+                 recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
+                 as_json: bool = JsonOpt) -> None:
+    """Build the encoder engine a backend runs (TensorRT plan, optimised ORT model, torch CUDA graphs)."""
+    from .engine import run_build_engine
+
+    chosen = [name for name, on in (("int8", int8), ("fp16", fp16), ("fp32", fp32)) if on]
+    if len(chosen) > 1:
+        raise TrtragError("choose one precision", "pass one of --int8, --fp16, --fp32")
+    cfg = _recipe(recipe, set_)
+    precision = chosen[0] if chosen else cfg.encoder.precision
+    console = _console()
+    manifest = run_build_engine(cfg, precision, backend,
+                                progress=None if as_json else lambda e: console.print(
+                                    f"gate: {e['gate']['kept_float']} float MatMuls, mean cosine "
+                                    f"{e['gate']['mean_cosine']:.4f}", markup=False))
+    if as_json:
+        _emit_json(manifest)
+        return
+    picked = f" (auto picked {manifest['picked_by_auto']})" if "picked_by_auto" in manifest else ""
+    console.print(f"built {manifest['backend']} {precision} engine{picked} in {manifest['build_seconds']} s: "
+                  f"{manifest['path']}", markup=False)
+    for form, c in manifest.get("candidates", {}).items():
+        console.print(f"  {form}: batch 1 {c['speed']['batch1_ms']} ms, batch 64 "
+                      f"{c['speed']['batch64_ms_per_text']} ms/text, mean cosine {c['gate']['mean_cosine']:.4f}, "
+                      f"gate {'passed' if c['passed'] else 'failed'}"
+                      + (" <- chosen" if form == manifest.get("form") else ""), markup=False)
+
+
+@app.command()
+@command
 def ask(question: str = typer.Argument(..., help="The question."),
         top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Passages to return."),
         mode: Optional[str] = typer.Option(None, help="Rerank mode: hybrid, rrf, bm25 or dense."),

@@ -24,9 +24,14 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 def open_recipe_encoder(recipe: Recipe, ws: Workspace):
     """The encoder the recipe names, with its export cached in the workspace."""
-    from .encoders import open_encoder
+    from .encoders import open_encoder, resolve_backend
 
     enc = recipe.encoder
+    backend = resolve_backend(enc.backend, enc.precision)
+    if backend == "tensorrt" or enc.precision == "int8":
+        from .engine import open_engine_encoder
+
+        return open_engine_encoder(recipe, backend)
     return open_encoder(enc.model, enc.backend, encoder_cache(recipe), threads=enc.threads,
                         max_tokens=enc.max_tokens, precision=enc.precision)
 

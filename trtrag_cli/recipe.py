@@ -76,6 +76,33 @@ class AnswerConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    queries: str = "calibration"          # file or folder of domain queries (txt, or jsonl with "query")
+    method: Literal["entropy", "percentile", "max"] = "percentile"
+    percentile: float = 99.99
+    batch_size: int = 1024                # queries per calibration batch (at least 1024)
+    min_iterations: int = 5
+    max_iterations: int = 10
+    tolerance: float = 0.01               # stop once no range moves more than this (relative) in a batch
+    holdout: int = 256                    # domain queries kept out of calibration for the accuracy gate
+    min_mean_cosine: float = 0.99         # gate: INT8 vs FP32 embeddings
+    max_recall_drop: float = 0.005        # gate: recall@10 on `eval` queries, when given
+    max_float_layers: int = 12            # most MatMuls the gate may keep in floating point
+    eval: str = ""                        # queries.jsonl with relevant sources for the recall gate
+
+
+@dataclass
+class EngineConfig:
+    min_batch: int = 1                    # TensorRT optimisation profile (batch x sequence length)
+    opt_batch: int = 32
+    max_batch: int = 256
+    min_tokens: int = 1
+    opt_tokens: int = 64
+    workspace_mb: int = 4096
+    timing_cache: str = ""                # default: <workspace>/_cache/tensorrt.timing
+
+
+@dataclass
 class Recipe:
     name: str = "default"
     workspace: str = ".trtrag"
@@ -86,6 +113,8 @@ class Recipe:
     lexical: LexicalConfig = field(default_factory=LexicalConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     answer: AnswerConfig = field(default_factory=AnswerConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     def workspace_dir(self) -> Path:
@@ -166,7 +195,9 @@ def _build(cls, data: dict, nodes: dict, path: str, src: str):
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _POSITIVE = {"max_tokens", "batch_size", "top_n", "top_k", "nlist", "nprobe", "hnsw_m", "ef_construction",
-             "ef_search", "rrf_k", "max_sentences", "passages", "max_file_mb"}
+             "ef_search", "rrf_k", "max_sentences", "passages", "max_file_mb", "min_iterations",
+             "max_iterations", "tolerance", "holdout", "min_batch", "opt_batch", "max_batch", "min_tokens",
+             "opt_tokens", "workspace_mb"}
 
 
 def _check_bounds(obj, path: str, src: str) -> None:
@@ -180,6 +211,18 @@ def _check_bounds(obj, path: str, src: str) -> None:
     if isinstance(obj, ChunkingConfig) and obj.overlap >= obj.max_tokens:
         raise TrtragError(f"{src}: chunking.overlap ({obj.overlap}) must be smaller than chunking.max_tokens "
                           f"({obj.max_tokens})", "lower the overlap")
+    if isinstance(obj, CalibrateConfig):
+        if obj.min_iterations > obj.max_iterations:
+            raise TrtragError(f"{src}: calibrate.min_iterations ({obj.min_iterations}) exceeds max_iterations "
+                              f"({obj.max_iterations})", "the design's advice is 5 to 10 iterations")
+        if not 50.0 < obj.percentile <= 100.0:
+            raise TrtragError(f"{src}: calibrate.percentile must be within (50, 100], got {obj.percentile}",
+                              "99.99 suits transformer activations")
+    if isinstance(obj, EngineConfig) and not (obj.min_batch <= obj.opt_batch <= obj.max_batch
+                                              and obj.min_tokens <= obj.opt_tokens):
+        raise TrtragError(f"{src}: engine profile must satisfy min <= opt <= max (batch {obj.min_batch}/"
+                          f"{obj.opt_batch}/{obj.max_batch}, tokens {obj.min_tokens}/{obj.opt_tokens})",
+                          "order the engine.* sizes; the largest sequence is encoder.max_tokens")
     if isinstance(obj, RetrieveConfig) and not 0.0 <= obj.dense_weight <= 1.0:
         raise TrtragError(f"{src}: retrieve.dense_weight must be within [0, 1], got {obj.dense_weight}",
                           "use 0 for lexical only, 1 for dense only")

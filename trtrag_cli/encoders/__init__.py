@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str | None] = {
     "onnxruntime": ".onnxruntime",
     "torch": ".torch",
-    "tensorrt": None,
+    "tensorrt": ".tensorrt",
 }
 # "auto" tries these in order and takes the first that is available.
 AUTO_ORDER = ("onnxruntime",)
@@ -59,11 +59,15 @@ def resolve_backend(backend: str, precision: str = "fp32") -> str:
     """Concrete backend name for a requested one.
 
     "auto" takes the CUDA-graph torch encoder where a GPU is present and the precision is one it has
-    (fp32, fp16, bf16), else the first available CPU backend.
+    (fp32, fp16, bf16), TensorRT for int8 on a GPU where it is installed, else the first available CPU
+    backend (ONNX Runtime, whose int8 engine comes from `trtrag build-engine --int8`).
     """
     if backend == "auto":
-        if precision != "int8" and gpu_present():
-            return "torch"
+        if gpu_present():
+            if precision != "int8":
+                return "torch"
+            if importlib.util.find_spec("tensorrt") is not None:
+                return "tensorrt"
         for name in AUTO_ORDER:
             if BACKENDS.get(name):
                 return name

@@ -39,9 +39,9 @@ if TYPE_CHECKING:
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT = "embeddings"
 OPSET = 17
-VARIANTS = {"fused": "model.fused.onnx", "plain": "model.onnx", "int8": "model.int8.onnx"}
-# precision in the recipe -> the variant that serves it on the CPU
-PRECISIONS = {"fp32": "fused", "int8": "int8"}
+VARIANTS = {"fused": "model.fused.onnx", "plain": "model.onnx"}
+# precision in the recipe -> the variant that serves it on the CPU (int8 comes from `trtrag build-engine`)
+PRECISIONS = {"fp32": "fused"}
 DEFAULT_VARIANT = "fused"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -210,19 +210,6 @@ def _fuse(src: Path, dst: Path, info: ModelInfo) -> dict[str, int]:
     return stats
 
 
-def _quantize_weights(src: Path, dst: Path) -> None:
-    """Dynamic INT8: per-channel signed weights, activations quantized per batch at run time.
-
-    No calibration, and the fastest INT8 form on AVX2 CPUs (u8 x s8 kernels). It is the CPU engine;
-    the calibrated static Q/DQ model is what TensorRT builds from.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _atomic_path(dst) as tmp:
-        quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul"])
-
-
 @contextlib.contextmanager
 def _quiet_root_logger() -> Iterator[None]:
     """ORT's quantization package calls logging.basicConfig on import and logs advice through the root
@@ -293,12 +280,10 @@ def ensure_onnx(model_id: str, cache_dir: Path, variant: str = DEFAULT_VARIANT) 
         started = time.perf_counter()
         with _quiet_root_logger():
             exported = export_onnx(info.dir, cache_dir / VARIANTS["plain"])
-            _quantize_weights(exported.plain, cache_dir / VARIANTS["int8"])
         manifest = {
             **_wanted(info),
             "weights": _file_record(info.weights),
-            "files": {"plain": _file_record(exported.plain), "fused": _file_record(exported.fused),
-                      "int8": _file_record(cache_dir / VARIANTS["int8"])},
+            "files": {"plain": _file_record(exported.plain), "fused": _file_record(exported.fused)},
             "fusions": exported.fusions,
             "default": DEFAULT_VARIANT,
             "export_seconds": round(time.perf_counter() - started, 2),
@@ -420,7 +405,7 @@ def open_encoder(model_id: str, cache_dir: Path, threads: int = 0, max_tokens: i
                  variant: str = DEFAULT_VARIANT, spin: bool = SPIN) -> OrtEncoder:
     """OrtEncoder for model_id, exporting into cache_dir/onnx/<model> on first use."""
     path = ensure_onnx(model_id, cache_folder(cache_dir, model_id), variant)
-    labels = {DEFAULT_VARIANT: "onnxruntime-fp32", "int8": "onnxruntime-int8"}
+    labels = {DEFAULT_VARIANT: "onnxruntime-fp32"}
     label = labels.get(variant, f"onnxruntime-fp32-{variant}")
     return OrtEncoder(path, model_info(model_id), threads=threads, max_tokens=max_tokens, label=label,
                       spin=spin)

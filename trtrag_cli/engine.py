@@ -1,0 +1,276 @@
+"""`trtrag build-engine`: turn the exported (and calibrated) encoder into what a backend runs.
+
+  onnxruntime  fp32: ORT's optimised fused graph, saved. int8: the calibrated Q/DQ model and a dynamic-
+               activation form (same per-channel INT8 weights, same float-kept layers) are both gated
+               against FP32 and timed; the faster one that passes is saved.
+  tensorrt     a strongly typed plan from the Q/DQ ONNX (int8) or a mixed-precision ONNX (fp16), with an
+               optimisation profile from the recipe and a reused timing cache (encoders/tensorrt.py).
+  torch        fp16/bf16 on a GPU: CUDA graphs captured per shape bucket as a warm-up and timing check.
+
+Engines live in <workspace>/<name>/engines/<backend>-<precision>/ with a manifest whose key (versions,
+model, ONNX and calibration hashes, GPU) must match at load time, else loading refuses with the command
+that rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import deps
+from .artifacts import Workspace, library_versions, read_json, sha256_file, write_json
+from .errors import TrtragError
+from .recipe import Recipe
+
+ENGINES = "engines"
+MANIFEST = "manifest.json"
+FORMAT = 1
+ORT_MODEL = "model.onnx"
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+TIMING_QUERIES = 64
+
+
+def engine_dir(recipe: Recipe, backend: str, precision: str) -> Path:
+    """Where the engine for (backend, precision) of this recipe lives."""
+    return recipe.workspace_dir() / ENGINES / f"{backend}-{precision}"
+
+
+def resolve_engine_backend(backend: str, precision: str) -> str:
+    """auto: TensorRT where it and a GPU are present, torch on a GPU for float, else ONNX Runtime."""
+    from .encoders import gpu_present
+
+    if backend != "auto":
+        return backend
+    if gpu_present() and deps.available("tensorrt"):
+        return "tensorrt"
+    if gpu_present() and precision in ("fp16", "bf16", "fp32"):
+        return "torch"
+    return "onnxruntime"
+
+
+def _rebuild_hint(precision: str, backend: str) -> str:
+    return f"run: trtrag build-engine --{precision} --backend {backend}"
+
+
+def _ort_key(recipe: Recipe, source_sha: str, calibration_id: str | None) -> dict:
+    return {"format": FORMAT, "backend": "onnxruntime", "model": recipe.encoder.model,
+            "source_sha256": source_sha, "calibration": calibration_id,
+            "versions": library_versions(("onnxruntime", "onnx"))}
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+def run_build_engine(recipe: Recipe, precision: str, backend: str = "auto", progress=None) -> dict:
+    """Build the engine for precision on backend; returns its manifest (plus `path`)."""
+    if precision not in PRECISIONS:
+        raise TrtragError(f"unknown precision {precision!r}", "use --int8, --fp16 or --fp32")
+    name = resolve_engine_backend(backend, precision)
+    builders = {"onnxruntime": _build_ort, "tensorrt": _build_tensorrt, "torch": _build_torch}
+    if name not in builders:
+        raise TrtragError(f"unknown engine backend {name!r}", "use auto, tensorrt, onnxruntime or torch")
+    from .encoders.tensorrt import profile_shapes
+
+    profile_shapes(recipe)  # impossible shapes fail here, on every backend, before any work
+    ws = Workspace(recipe.workspace_dir())
+    started = time.perf_counter()
+    with ws.lock(), ws.publish_dir(f"{ENGINES}/{name}-{precision}") as out:
+        manifest = builders[name](recipe, precision, out, progress)
+        manifest.update({"precision": precision, "recipe": recipe.to_dict(),
+                         "build_seconds": round(time.perf_counter() - started, 1)})
+        if backend == "auto":
+            manifest["picked_by_auto"] = name
+        write_json(out / MANIFEST, manifest)
+    manifest["path"] = str(engine_dir(recipe, name, precision))
+    return manifest
+
+
+def _build_ort(recipe: Recipe, precision: str, out: Path, progress) -> dict:
+    from .encoders.onnxruntime import cache_folder, ensure_onnx
+    from .indexing import encoder_cache
+
+    cache = cache_folder(encoder_cache(recipe), recipe.encoder.model)
+    if precision == "fp32":
+        source = ensure_onnx(recipe.encoder.model, cache, "fused")
+        _save_optimised(source, out / ORT_MODEL)
+        return {**_ort_key(recipe, sha256_file(source), None), "form": "fp32-fused", "file": ORT_MODEL}
+    if precision != "int8":
+        raise TrtragError(f"the onnxruntime engine has no {precision}", "use --int8 or --fp32 on the CPU")
+    return _build_ort_int8(recipe, out, progress)
+
+
+def _build_ort_int8(recipe: Recipe, out: Path, progress) -> dict:
+    """Gate and time the Q/DQ model and the dynamic-activation form; keep the faster that passes."""
+    import onnx
+
+    from .calibrate import HOLDOUT, QDQ_MODEL, load_calibration
+    from .encoders.models import model_info
+    from .quantize import gate, qdq
+
+    folder, calibration = load_calibration(recipe)
+    fp32 = Path(calibration["fp32_onnx"])
+    if not fp32.is_file() or sha256_file(fp32) != calibration["fp32_onnx_sha256"]:
+        raise TrtragError("the FP32 export changed since calibration", "run: trtrag calibrate")
+    info = model_info(recipe.encoder.model)
+    holdout = (folder / HOLDOUT).read_text(encoding="utf-8").splitlines()
+    cfg = recipe.calibrate
+    probe = gate.Probe.build(recipe, info, fp32, holdout, Path(cfg.eval) if cfg.eval else None)
+    kept = frozenset(calibration["gate"]["kept_float"])
+    model = onnx.load(str(fp32))
+    forms = {}
+    scratch = out / "candidates"
+    scratch.mkdir()
+
+    def dynamic(keep: frozenset[str]) -> Path:
+        path = scratch / "dynamic.onnx"
+        _dynamic_int8(fp32, path, sorted(keep | kept))
+        return path
+
+    verdict = gate.run(probe, dynamic, [s for s in qdq.find_sites(model) if s.node not in kept], cfg,
+                       progress=progress)
+    forms["dynamic"] = {"file": dynamic(frozenset(verdict["kept_float"])), "gate": verdict}
+    forms["qdq"] = {"file": folder / QDQ_MODEL, "gate": calibration["gate"]}
+    for form in forms.values():
+        with gate.open_candidate(probe, form["file"]) as enc:
+            form["speed"] = _time(enc, holdout)
+    passing = {k: v for k, v in forms.items() if v["gate"]["passed"]} or forms
+    best = min(passing, key=lambda k: passing[k]["speed"]["batch64_ms_per_text"])
+    _save_optimised(forms[best]["file"], out / ORT_MODEL)
+    for path in scratch.iterdir():
+        path.unlink()
+    scratch.rmdir()
+    key = _ort_key(recipe, calibration["fp32_onnx_sha256"], calibration["id"])
+    return {**key, "form": best, "file": ORT_MODEL,
+            "kept_float": sorted(kept | set(forms[best]["gate"]["kept_float"])) if best == "dynamic"
+            else sorted(kept),
+            "gate": forms[best]["gate"]["final"], "gate_passed": forms[best]["gate"]["passed"],
+            "candidates": {k: {"speed": v["speed"], "gate": v["gate"]["final"], "passed": v["gate"]["passed"]}
+                           for k, v in forms.items()}}
+
+
+def _dynamic_int8(src: Path, dst: Path, exclude: list[str]) -> None:
+    """Per-channel signed INT8 weights, activations quantized per run (u8 x s8 kernels on x86)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from .encoders.onnxruntime import _quiet_root_logger
+
+    with _quiet_root_logger():
+        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude)
+
+
+def _time(encoder, texts: list[str]) -> dict:
+    """ms per text at batch 1 and batch 64 (medians of 3), for choosing a form by measurement."""
+    texts = (texts * (TIMING_QUERIES // max(1, len(texts)) + 1))[:TIMING_QUERIES]
+    encoder.encode(texts[:8], batch_size=8)
+    one, many = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        for text in texts[:16]:
+            encoder.encode([text], batch_size=1)
+        one.append((time.perf_counter() - t) / 16 * 1e3)
+        t = time.perf_counter()
+        encoder.encode(texts, batch_size=64)
+        many.append((time.perf_counter() - t) / len(texts) * 1e3)
+    return {"batch1_ms": round(float(np.median(one)), 3), "batch64_ms_per_text": round(float(np.median(many)), 3)}
+
+
+def _save_optimised(src: Path, dst: Path) -> None:
+    """Let ORT apply its graph optimisations once and save the result, so sessions load it ready-made.
+
+    Extended (not all) optimisations: the saved graph then holds no layout specific to this CPU.
+    """
+    ort = deps.require("onnxruntime", "building the CPU engine")
+    from .encoders.onnxruntime import session_options
+
+    options = session_options(1)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    if not dst.is_file():
+        raise TrtragError(f"ONNX Runtime did not save an optimised model from {src}", "check the ORT version")
+
+
+def _build_tensorrt(recipe: Recipe, precision: str, out: Path, progress) -> dict:
+    from .encoders import tensorrt as trt_encoder
+
+    return trt_encoder.build(recipe, precision, out, progress)
+
+
+def _build_torch(recipe: Recipe, precision: str, out: Path, progress) -> dict:
+    from .encoders import gpu_present
+    from .encoders.torch import PRECISIONS as TORCH_PRECISIONS
+    from .encoders.torch import open_encoder
+    from .indexing import encoder_cache
+
+    if not gpu_present():
+        raise TrtragError("the torch engine needs a CUDA GPU and none is visible",
+                          "use --backend onnxruntime on this machine")
+    if precision not in TORCH_PRECISIONS:
+        raise TrtragError(f"the torch engine has no {precision}", "use --fp16 or --bf16")
+    enc = recipe.encoder
+    with open_encoder(enc.model, encoder_cache(recipe), max_tokens=enc.max_tokens,
+                      variant=TORCH_PRECISIONS[precision]) as encoder:
+        warm = encoder.warmup()
+    import torch
+
+    return {"format": FORMAT, "backend": "torch", "model": enc.model, "warmup": warm,
+            "gpu": torch.cuda.get_device_name(), "versions": library_versions(("torch", "transformers"))}
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+def load_manifest(recipe: Recipe, backend: str, precision: str) -> tuple[Path, dict]:
+    """The engine folder and manifest, refusing a missing engine or one built under another key."""
+    folder = engine_dir(recipe, backend, precision)
+    try:
+        manifest = read_json(folder / MANIFEST)
+    except (OSError, ValueError):
+        raise TrtragError(f"no {backend} {precision} engine in {folder}",
+                          ("run: trtrag calibrate && " if precision == "int8" else "run: ")
+                          + _rebuild_hint(precision, backend).removeprefix("run: ")) from None
+    if manifest.get("format") != FORMAT or manifest.get("model") != recipe.encoder.model:
+        raise TrtragError(f"the engine in {folder} was built for {manifest.get('model')} (format "
+                          f"{manifest.get('format')})", _rebuild_hint(precision, backend))
+    return folder, manifest
+
+
+def check_ort_engine(recipe: Recipe, manifest: dict, folder: Path) -> None:
+    """Refuse an ORT engine whose versions or calibration no longer match this machine and workspace."""
+    from .calibrate import load_calibration
+
+    now = library_versions(("onnxruntime", "onnx"))
+    if manifest.get("versions") != now:
+        raise TrtragError(f"the engine in {folder} was built with {manifest.get('versions')}, this is {now}",
+                          _rebuild_hint(manifest["precision"], "onnxruntime"))
+    if manifest.get("calibration"):
+        _, calibration = load_calibration(recipe)
+        if calibration["id"] != manifest["calibration"]:
+            raise TrtragError(f"the engine in {folder} was built from calibration {manifest['calibration']}, "
+                              f"the workspace now holds {calibration['id']}",
+                              _rebuild_hint(manifest["precision"], "onnxruntime"))
+    path = folder / manifest["file"]
+    if not path.is_file():
+        raise TrtragError(f"{path} is missing", _rebuild_hint(manifest["precision"], "onnxruntime"))
+
+
+def open_engine_encoder(recipe: Recipe, backend: str):
+    """The encoder served by a built engine (onnxruntime int8, tensorrt)."""
+    from .encoders.models import model_info
+
+    enc = recipe.encoder
+    folder, manifest = load_manifest(recipe, backend, enc.precision)
+    if backend == "tensorrt":
+        from .encoders import tensorrt as trt_encoder
+
+        return trt_encoder.open_engine(recipe, folder, manifest)
+    check_ort_engine(recipe, manifest, folder)
+    from .encoders.onnxruntime import OrtEncoder
+
+    tag = hashlib.sha256(json.dumps([manifest.get("calibration"), manifest.get("form"),
+                                     manifest.get("kept_float")]).encode()).hexdigest()[:8]
+    return OrtEncoder(folder / manifest["file"], model_info(enc.model), threads=enc.threads,
+                      max_tokens=enc.max_tokens, label=f"onnxruntime-{enc.precision}-{tag}")

@@ -1,0 +1,1 @@
+"""INT8 for the encoder: activation statistics, the Q/DQ graph, and the accuracy gate."""
