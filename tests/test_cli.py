@@ -232,18 +232,9 @@ def test_workspace_lock_blocks_a_second_writer(cli, make_recipe, corpus_copy):
     assert "locked by another trtrag run" in _one_line_error(res)
 
 
-def test_int8_engine_indexes_and_refuses_a_mismatched_index(cli, make_recipe, corpus_copy):
-    recipe = make_recipe()
-    cli.json("index", corpus_copy, "--recipe", recipe)
-    res = cli("ask", "warranty", "--recipe", recipe, "--set", "encoder.precision=int8", ok=False)
-    err = _one_line_error(res)
-    assert "onnxruntime-fp32" in err and "onnxruntime-int8" in err and "trtrag index" in err
-    rep = cli.json("index", corpus_copy, "--recipe", recipe, "--set", "encoder.precision=int8")
-    assert rep["encoder"].startswith("onnxruntime-int8") and rep["notes"][0].startswith("full rebuild: encoder")
-    res = cli.json("ask", "Can I get an advance replacement for a faulty TH-50 sensor?", "--recipe", recipe,
-                   "--set", "encoder.precision=int8")
-    assert res["passages"][0]["source"] == "policies/warranty-th-pg-series.md"
-    res = cli("index", corpus_copy, "--recipe", recipe, "--set", "encoder.precision=fp16", ok=False)
+def test_a_precision_the_backend_lacks_is_refused(cli, make_recipe, corpus_copy):
+    res = cli("index", corpus_copy, "--recipe", make_recipe(), "--set", "encoder.precision=fp16",
+              "--set", "encoder.backend=onnxruntime", ok=False)
     assert "no fp16 engine" in _one_line_error(res)
 
 

@@ -222,16 +222,6 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_int8_engine_stays_close_to_fp32(cache_root, encoder):
-    with open_encoder(MODEL, "onnxruntime", cache_root, precision="int8") as int8:
-        assert int8.name.startswith("onnxruntime-int8") and int8.dim == encoder.dim
-        texts = [t for t in TEXTS if t.strip()]
-        cos = cosines(int8.encode(texts), encoder.encode(texts))
-    assert cos.mean() >= 0.98 and cos.min() >= 0.95, cos
-    with pytest.raises(TrtragError, match="no fp16 engine"):
-        open_encoder(MODEL, "onnxruntime", cache_root, precision="fp16")
-
-
 def test_auto_picks_torch_only_with_a_gpu_and_a_precision_it_has(monkeypatch):
     import trtrag_cli.encoders as encoders
 

@@ -242,8 +242,10 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
     collector, ranges, history, stable = collect(model, tokenizer, batches, method, cfg.percentile, min_iter,
                                                  max_iter, cfg.tolerance, recipe.encoder.threads, progress)
     if not stable and len(batches) >= min_iter:
-        warnings.append(f"ranges still moved {history[-1]['drift']:.3%} in the last batch (tolerance "
-                        f"{cfg.tolerance:.1%}); add queries or raise calibrate.max_iterations")
+        last = history[-1]["drift"]
+        moved = "only one batch ran" if last is None else f"they still moved {last:.3%} in the last batch"
+        warnings.append(f"ranges not shown stable: {moved} (tolerance {cfg.tolerance:.1%}); add queries or raise "
+                        "calibrate.max_iterations")
     calib_seconds = time.perf_counter() - started
     ws = Workspace(recipe.workspace_dir())
     with ws.lock(), ws.publish_dir(CALIBRATION_DIR) as out:
@@ -293,10 +295,9 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
 def load_calibration(recipe: Recipe) -> tuple[Path, dict]:
     """The published calibration folder and its report, or a user error saying how to make one."""
     folder = recipe.workspace_dir() / CALIBRATION_DIR
-    try:
-        report = read_json(folder / REPORT)
-    except (OSError, ValueError):
-        raise TrtragError(f"no calibration in {folder}", "run: trtrag calibrate") from None
+    if not (folder / REPORT).is_file():
+        raise TrtragError(f"no calibration in {folder}", "run: trtrag calibrate")
+    report = read_json(folder / REPORT)
     if report.get("model") != recipe.encoder.model:
         raise TrtragError(f"the calibration in {folder} is for {report.get('model')}, not {recipe.encoder.model}",
                           "run: trtrag calibrate")

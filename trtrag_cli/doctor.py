@@ -43,13 +43,19 @@ def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
         why = "named in the recipe"
     elif enc_choice == "torch":
         why = "auto: a CUDA GPU is present: torch with a CUDA graph per shape bucket"
+    elif enc_choice == "tensorrt":
+        why = "auto: int8 on a CUDA GPU with TensorRT installed: the calibrated Q/DQ plan"
     else:
-        why = "auto: no CUDA GPU (or int8 asked for): ONNX Runtime on the CPU"
-    encoder_ok = available(enc_choice) if enc_choice in ("onnxruntime", "torch") else False
+        why = "auto: no CUDA GPU (or int8 without TensorRT): ONNX Runtime on the CPU"
+    encoder_ok = available(enc_choice)
+    engine = _engine_status(recipe, enc_choice)
+    if engine:
+        why += f"; {engine['status']}"
+        encoder_ok = encoder_ok and engine["ok"]
     faiss_gpu = bool(gpu_list) and version("faiss-gpu") is not None
     return {
         "encoder": {"backend": enc_choice, "ok": encoder_ok, "why": why, "model": recipe.encoder.model,
-                    "precision": recipe.encoder.precision},
+                    "precision": recipe.encoder.precision, "engine": engine},
         "vector_index": {"backend": "faiss-gpu" if faiss_gpu else "faiss-cpu", "ok": available("faiss"),
                          "kind": recipe.index.kind,
                          "why": "GPU and faiss-gpu present" if faiss_gpu else "no GPU with faiss-gpu: CPU faiss"},
@@ -57,6 +63,24 @@ def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
         "rerank": {"backend": recipe.retrieve.mode, "ok": True, "why": "retrieve.mode in the recipe"},
         "generator": {"backend": recipe.answer.generator, "ok": True, "why": "answer.generator in the recipe"},
     }
+
+
+def _engine_status(recipe: Recipe, backend: str) -> dict | None:
+    """Whether the engine the recipe needs (int8 or TensorRT) is built and still loadable here."""
+    from .errors import TrtragError
+
+    if recipe.encoder.precision != "int8" and backend != "tensorrt":
+        return None
+    from .engine import check_ort_engine, load_manifest
+
+    try:
+        folder, manifest = load_manifest(recipe, backend, recipe.encoder.precision)
+        if backend == "onnxruntime":
+            check_ort_engine(recipe, manifest, folder)
+    except TrtragError as exc:
+        return {"ok": False, "status": f"engine not usable: {exc.message} ({exc.hint})"}
+    return {"ok": True, "status": f"engine {folder} ({manifest.get('form', backend)})",
+            "gate": manifest.get("gate")}
 
 
 def run_doctor(recipe: Recipe) -> dict:

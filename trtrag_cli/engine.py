@@ -120,6 +120,12 @@ def _build_ort_int8(recipe: Recipe, out: Path, progress) -> dict:
     probe = gate.Probe.build(recipe, info, fp32, holdout, Path(cfg.eval) if cfg.eval else None)
     kept = frozenset(calibration["gate"]["kept_float"])
     model = onnx.load(str(fp32))
+    try:
+        onnx.checker.check_model(str(folder / QDQ_MODEL))
+    except Exception as exc:  # onnx raises ValidationError or a protobuf DecodeError for a damaged file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrtragError(f"the calibrated model {folder / QDQ_MODEL} is damaged: {first}",
+                          "run: trtrag calibrate") from None
     forms = {}
     scratch = out / "candidates"
     scratch.mkdir()
@@ -226,12 +232,11 @@ def _build_torch(recipe: Recipe, precision: str, out: Path, progress) -> dict:
 def load_manifest(recipe: Recipe, backend: str, precision: str) -> tuple[Path, dict]:
     """The engine folder and manifest, refusing a missing engine or one built under another key."""
     folder = engine_dir(recipe, backend, precision)
-    try:
-        manifest = read_json(folder / MANIFEST)
-    except (OSError, ValueError):
+    if not (folder / MANIFEST).is_file():
         raise TrtragError(f"no {backend} {precision} engine in {folder}",
                           ("run: trtrag calibrate && " if precision == "int8" else "run: ")
-                          + _rebuild_hint(precision, backend).removeprefix("run: ")) from None
+                          + _rebuild_hint(precision, backend).removeprefix("run: "))
+    manifest = read_json(folder / MANIFEST)
     if manifest.get("format") != FORMAT or manifest.get("model") != recipe.encoder.model:
         raise TrtragError(f"the engine in {folder} was built for {manifest.get('model')} (format "
                           f"{manifest.get('format')})", _rebuild_hint(precision, backend))

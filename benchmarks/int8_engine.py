@@ -1,0 +1,127 @@
+"""FP32 vs calibrated INT8 encoder on the CPU, side by side in one run; prints figures and writes JSON.
+
+Runs the real commands' functions on a workspace that already holds an FP32 index of the eval corpus:
+  1. trtrag calibrate (domain queries, batches of 1024, the accuracy gate with recall@10 on the eval set)
+  2. trtrag build-engine --int8 --backend onnxruntime
+  3. throughput of both engines at batch 1 (held-out queries) and batch 64 (documents), alternating
+     rounds, medians of 3; mean and min cosine INT8 vs FP32 on the same texts
+  4. trtrag eval on the FP32 index, then trtrag index with the INT8 engine and trtrag eval again
+
+Usage: python benchmarks/int8_engine.py --workspace /tmp/ws20k --docs data/known-items/corpus/docs.jsonl \
+         --calibration data/known-items/calibration.txt --queries data/known-items/queries.jsonl \
+         --out benchmarks/results/int8-engine-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trtrag_cli.recipe import load_recipe  # noqa: E402
+
+
+def read_texts(path: Path, limit: int, offset: int = 0) -> list[str]:
+    """Document texts from a .jsonl corpus."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if i >= offset and line.strip():
+                out.append(json.loads(line)["text"])
+            if len(out) >= limit:
+                break
+    return out
+
+
+def speed(encoders: dict, queries: list[str], docs: list[str], rounds: int = 3) -> dict:
+    """Alternating rounds: batch-1 queries/s and batch-64 documents/s per encoder."""
+    for enc in encoders.values():
+        enc.encode(queries[:16], batch_size=1)
+        enc.encode(docs[:64], batch_size=64)
+    samples = {name: {"batch1_qps": [], "batch64_docs_per_s": []} for name in encoders}
+    for _ in range(rounds):
+        for name, enc in encoders.items():
+            t = time.perf_counter()
+            for q in queries:
+                enc.encode([q], batch_size=1)
+            samples[name]["batch1_qps"].append(len(queries) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            enc.encode(docs, batch_size=64)
+            samples[name]["batch64_docs_per_s"].append(len(docs) / (time.perf_counter() - t))
+    return {name: {k: round(statistics.median(v), 1) for k, v in s.items()} for name, s in samples.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workspace", required=True, help="workspace root holding an FP32 index (name: default)")
+    ap.add_argument("--docs", type=Path, required=True)
+    ap.add_argument("--calibration", type=Path, required=True)
+    ap.add_argument("--queries", type=Path, required=True)
+    ap.add_argument("--method", default="percentile")
+    ap.add_argument("--speed-queries", type=int, default=200)
+    ap.add_argument("--speed-docs", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=Path("int8-engine-cpu.json"))
+    args = ap.parse_args()
+
+    from trtrag_cli.calibrate import HOLDOUT, run_calibrate
+    from trtrag_cli.engine import run_build_engine
+    from trtrag_cli.evaluate import run_eval
+    from trtrag_cli.indexing import open_recipe_encoder, run_index
+    from trtrag_cli.artifacts import Workspace
+
+    base = [f"workspace={args.workspace}", f"calibrate.queries={args.calibration}",
+            f"calibrate.eval={args.queries}", f"calibrate.method={args.method}"]
+    fp32 = load_recipe(None, base + ["encoder.precision=fp32", "encoder.backend=onnxruntime"])
+    int8 = load_recipe(None, base + ["encoder.precision=int8", "encoder.backend=onnxruntime"])
+    report: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}}
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    log("eval fp32 index ...")
+    report["eval_fp32"] = run_eval(fp32, args.queries, ["hybrid", "dense"])["modes"]
+    t = time.perf_counter()
+    cal = run_calibrate(fp32, progress=lambda e: log(json.dumps(e)[:200]))
+    report["calibrate"] = {k: cal[k] for k in ("method", "iterations", "stable", "history", "peak_rss_mib",
+                                                "calibration_seconds", "queries", "sites")}
+    report["calibrate"]["gate"] = {k: cal["gate"][k] for k in ("passed", "final", "kept_float", "steps", "seconds")}
+    report["calibrate"]["seconds"] = round(time.perf_counter() - t, 1)
+    eng = run_build_engine(int8, "int8", "onnxruntime", progress=lambda e: log(json.dumps(e)[:200]))
+    report["engine"] = {k: eng.get(k) for k in ("form", "kept_float", "gate", "gate_passed", "candidates",
+                                                 "build_seconds")}
+
+    holdout = (Path(args.workspace) / "default" / "calibration" / HOLDOUT).read_text().splitlines()
+    queries = holdout[:args.speed_queries]
+    docs = read_texts(args.docs, args.speed_docs, offset=5000)
+    ws = Workspace(fp32.workspace_dir())
+    with open_recipe_encoder(fp32, ws) as e32, open_recipe_encoder(int8, ws) as e8:
+        report["speed"] = speed({"fp32": e32, "int8": e8}, queries, docs)
+        texts = holdout + docs
+        cos = (e32.encode(texts) * e8.encode(texts)).sum(1)
+        report["cosine"] = {"texts": len(texts), "mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5)}
+        report["encoders"] = {"fp32": e32.name, "int8": e8.name}
+    s = report["speed"]
+    report["ratios"] = {k: round(s["int8"][k] / s["fp32"][k], 2) for k in s["fp32"]}
+    log(json.dumps(report["ratios"]))
+
+    log("index with the int8 engine ...")
+    idx = run_index(int8, [args.docs.parent])
+    report["index_int8"] = {k: idx.get(k) for k in ("seconds", "docs_per_s", "encoder")}
+    report["eval_int8"] = run_eval(int8, args.queries, ["hybrid", "dense"])["modes"]
+    r32 = report["eval_fp32"]["hybrid"]["metrics"]["recall@10"]
+    r8 = report["eval_int8"]["hybrid"]["metrics"]["recall@10"]
+    report["recall@10"] = {"fp32": r32, "int8": r8, "drop": round(r32 - r8, 4)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"speed": report["speed"], "ratios": report["ratios"], "cosine": report["cosine"],
+                      "recall@10": report["recall@10"], "calibrate_iterations": report["calibrate"]["iterations"],
+                      "peak_rss_mib": report["calibrate"]["peak_rss_mib"], "form": report["engine"]["form"]},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Calibration pieces on their own: query sets, streaming histograms, the TensorRT cache, the Q/DQ graph."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from trtrag_cli.calibrate import _split, read_queries, read_trt_cache, trt_cache_text, trt_version_number
+from trtrag_cli.errors import TrtragError
+from trtrag_cli.quantize import qdq
+from trtrag_cli.quantize.stats import RangeCollector, TensorHistogram, drift
+
+
+# ------------------------------------------------------------------------------------------ query sets
+
+def test_queries_from_text_jsonl_and_folders(tmp_path):
+    (tmp_path / "a.txt").write_text("# a comment\nfirst query\n\n  second query  \nfirst query\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"query": "third"}) + "\n" + json.dumps({"text": "fourth"}) + "\n")
+    assert read_queries(tmp_path / "a.txt") == ["first query", "second query"]
+    assert read_queries(tmp_path) == ["first query", "second query", "third", "fourth"]
+
+
+def test_bad_query_files_name_the_problem(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"query": "ok"}\nnot json\n')
+    with pytest.raises(TrtragError, match=r"bad.jsonl:2: not a JSON object"):
+        read_queries(tmp_path / "bad.jsonl")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(TrtragError, match="not UTF-8"):
+        read_queries(tmp_path / "latin1.txt")
+    with pytest.raises(TrtragError, match="not found"):
+        read_queries(tmp_path / "missing.txt")
+
+
+def test_split_needs_a_full_batch_and_keeps_a_holdout():
+    queries = [f"q{i}" for i in range(2600)]
+    batches, holdout = _split(queries, 1024, 256)
+    assert [len(b) for b in batches] == [1024, 1320] and len(holdout) == 256
+    assert not set(holdout) & {q for b in batches for q in b}
+    with pytest.raises(TrtragError, match="1000 distinct calibration queries, but one batch needs 1024") as exc:
+        _split(queries[:1000], 1024, 256)
+    assert "add at least 24 more" in exc.value.hint
+    with pytest.raises(TrtragError, match="at least 1024"):
+        _split(queries, 512, 0)
+    # A set just over one batch gives the gate only what is left over.
+    _, holdout = _split(queries[:1100], 1024, 256)
+    assert len(holdout) == 76
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+def test_histogram_widens_without_losing_counts_and_finds_percentiles():
+    rng = np.random.default_rng(0)
+    hist = TensorHistogram()
+    parts = [rng.normal(0, s, 200_000).astype(np.float32) for s in (0.5, 1.0, 2.0)]  # the range grows twice
+    for p in parts:
+        hist.add(p)
+    values = np.abs(np.concatenate(parts))
+    assert hist.counts.sum() == pytest.approx(values.size)
+    assert hist.amax("max") == pytest.approx(values.max())
+    assert hist.amax("percentile", 99.9) == pytest.approx(np.percentile(values, 99.9), rel=0.03)
+    entropy = hist.amax("entropy")
+    assert 0 < entropy < hist.amax("max")
+
+
+def test_entropy_clips_a_lone_outlier_that_max_keeps():
+    rng = np.random.default_rng(1)
+    hist = TensorHistogram()
+    hist.add(np.concatenate([rng.normal(0, 1, 500_000), [80.0]]).astype(np.float32))
+    assert hist.amax("max") == pytest.approx(80.0)
+    assert hist.amax("entropy") < 10.0
+    assert hist.amax("percentile", 99.99) < 10.0
+
+
+def test_drift_reports_the_tensor_that_moved_most():
+    collector = RangeCollector(["a", "b"])
+    collector.add({"a": np.array([1.0, -2.0]), "b": np.array([4.0])})
+    first = collector.ranges("max")
+    collector.add({"a": np.array([3.0]), "b": np.array([4.0])})
+    moved, name = drift(first, collector.ranges("max"))
+    assert name == "a" and moved == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------- TensorRT cache
+
+def test_calibration_cache_matches_the_documented_text_format():
+    text = trt_cache_text({"input": 1.0, "layer:0/out": 2.5}, (10, 3, 0))
+    lines = text.splitlines()
+    # Header: TRT-<getInferLibVersion()>-<calibrator>; lines: name, ': ', big-endian float32 scale in hex.
+    assert lines[0] == "TRT-100300-EntropyCalibration2"
+    assert lines[1] == "input: 3c010204"  # 1/127 as IEEE-754 big-endian
+    assert lines[2] == "layer:0/out: " + struct.pack(">f", 2.5 / 127).hex()
+    back = read_trt_cache(text)
+    assert back["input"] == pytest.approx(1.0) and back["layer:0/out"] == pytest.approx(2.5)
+    assert trt_version_number((8, 2, 3)) == 8203 and trt_version_number((10, 16, 1)) == 101601
+    with pytest.raises(ValueError):
+        read_trt_cache("input: 3c010204\n")
+
+
+# ------------------------------------------------------------------------------------------- Q/DQ graph
+
+def _tiny_model(k: int = 8, n: int = 6):
+    """x[?, k] -> LayerNormalization -> MatMul(W1) and MatMul(W2) on the same input -> Add."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, (k, n)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (k, n)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.ones(k, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(k, np.float32), "beta")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="ln"),
+             helper.make_node("MatMul", ["h", "w1"], ["a"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["b"], name="mm2"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def test_qdq_graph_is_symmetric_per_channel_and_shares_activation_scales():
+    import onnx
+    from onnx import numpy_helper
+
+    model = _tiny_model()
+    sites = qdq.find_sites(model)
+    assert [s.node for s in sites] == ["mm1", "mm2"] and qdq.activation_names(sites) == ["h"]
+    x = np.random.default_rng(3).normal(0, 1, (32, 8)).astype(np.float32)
+    amax = 3.0
+    out = qdq.insert_qdq(model, {"h": amax})
+    onnx.checker.check_model(out)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 3  # one shared activation pair
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    assert "w1" not in inits and "w2" not in inits  # fp32 weights replaced by int8 ones
+    for node in out.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:  # weight DQs read int8 constants
+            assert inits[node.input[0]].dtype == np.int8
+            assert {a.name: a.i for a in node.attribute}.get("axis") == 1
+            assert inits[node.input[1]].shape == (6,) and not inits[node.input[2]].any()
+    assert inits["qdq/h_scale"] == pytest.approx(amax / 127)
+    ref, got = _run(model, x), _run(out, x)
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+
+
+def test_keep_float_leaves_a_matmul_untouched():
+    model = _tiny_model()
+    out = qdq.insert_qdq(model, {"h": 3.0}, frozenset({"mm2"}))
+    by_name = {n.name: n for n in out.graph.node}
+    assert list(by_name["mm2"].input) == ["h", "w2"]
+    assert by_name["mm1"].input[1].endswith("_dequantized")
+
+
+def test_with_outputs_exposes_intermediate_tensors():
+    model = _tiny_model()
+    x = np.ones((2, 8), np.float32)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(qdq.with_outputs(model, ["h"]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    y, h = sess.run(["y", "h"], {"x": x})
+    assert h.shape == (2, 8) and np.allclose(h, 0.0, atol=1e-3)  # LayerNorm of a constant row
