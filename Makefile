@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO_Q ?= Can I get an advance replacement for a faulty TH-50 sensor?
 
-.PHONY: install demo test test-gpu bench-cpu clean
+.PHONY: install demo test test-gpu bench-cpu bench-int8 clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test-gpu: install
 
 bench-cpu: install
 	$(BIN)/python benchmarks/cpu_pipeline.py --out bench-cpu.json
+
+# FP32 vs calibrated INT8 on the Debian known-item set (scripts/make_known_items.py --out data/known-items),
+# in a workspace that already holds its FP32 index: trtrag index data/known-items/corpus --set workspace=WS
+bench-int8: install
+	$(BIN)/python benchmarks/int8_engine.py --workspace $(WS) --docs data/known-items/corpus/docs.jsonl \
+		--calibration data/known-items/calibration.txt --queries data/known-items/queries.jsonl \
+		--out benchmarks/results/int8-engine-cpu.json
 
 clean:
 	rm -rf .trtrag .pytest_cache

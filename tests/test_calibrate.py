@@ -169,3 +169,45 @@ def test_with_outputs_exposes_intermediate_tensors():
                                 providers=["CPUExecutionProvider"])
     y, h = sess.run(["y", "h"], {"x": x})
     assert h.shape == (2, 8) and np.allclose(h, 0.0, atol=1e-3)  # LayerNorm of a constant row
+
+
+def _ffn_model(k: int = 8, n: int = 6):
+    """x[?, k] -> MatMul(w1) -> MatMul(w2): two single-consumer sites."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (k, n)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (n, n)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_smoothing_is_exact_in_fp32_and_tames_outlier_channels(tmp_path):
+    from trtrag_cli.quantize import smooth
+
+    model = _ffn_model()
+    x = np.random.default_rng(5).normal(0, 1, (256, 8)).astype(np.float32)
+    x[:, 3] *= 40.0  # one outlier channel, as in a transformer's LayerNorm/GELU outputs
+    sites = qdq.find_sites(model)
+    assert [s.node for s in smooth.smoothable(sites)] == ["mm1", "mm2"]
+    from onnx import numpy_helper
+
+    w1 = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w1"))
+    channel_max = {"x": np.abs(x).max(0), "h": np.abs(x @ w1).max(0)}
+    plan = smooth.plan(model, sites, channel_max, alpha=0.8)
+    smoothed = smooth.apply(model, plan)
+    assert np.allclose(_run(smoothed, x), _run(model, x), rtol=1e-4, atol=1e-4)
+    # The quantized input of mm1 is now the smoothed tensor, with far more even channels.
+    assert qdq.find_sites(smoothed)[0].activation == "x_smoothed"
+    def spread(a):
+        return np.abs(a).max(0).max() / np.abs(a).max(0).min()
+
+    assert spread(x / plan[0].factors) < spread(x) / 5
+    smooth.save(tmp_path / "s.json", plan, 0.8)
+    back = smooth.load(tmp_path / "s.json")
+    assert [b.activation for b in back] == ["x", "h"] and np.allclose(back[0].factors, plan[0].factors)
+    assert smooth.load(tmp_path / "missing.json") == []

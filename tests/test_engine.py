@@ -63,12 +63,13 @@ def test_calibration_report_and_artifacts(built):
     folder = Path(rep["path"])
     assert rep["queries"]["batch_size"] == 1024 and rep["iterations"] == 1
     assert rep["history"][0]["queries"] >= 1024 and rep["peak_rss_mib"] > 0
-    assert rep["sites"] == 36 and len(rep["ranges"]) == 24  # 6 layers x (QKV, attn out, FFN in, FFN out)
+    # 6 layers x (QKV, attn out, FFN in, FFN out) inputs, and the smoothed copies of the 18 unshared ones
+    assert rep["sites"] == 36 and len(rep["ranges"]) == 24 + 18 and rep["smoothing"]["sites"] == 18
     assert all(0 < v <= rep["tensor_max"][k] + 1e-6 for k, v in rep["ranges"].items())
     gate = rep["gate"]
     assert gate["passed"] and gate["final"]["mean_cosine"] >= 0.99
     assert gate["final"]["recall@10_drop"] <= 0.005 and "top10_overlap" in gate["final"]
-    for name in ("model.qdq.onnx", "calibration.json", "calibration.cache", "holdout.txt"):
+    for name in ("model.qdq.onnx", "calibration.json", "calibration.cache", "holdout.txt", "smoothing.json"):
         assert (folder / name).is_file()
     cache = (folder / "calibration.cache").read_text().splitlines()
     assert cache[0].startswith("TRT-") and cache[0].endswith("-EntropyCalibration2") and len(cache) == 25
@@ -99,8 +100,9 @@ def test_qdq_model_runs_in_onnxruntime_with_int8_weights(built):
 def test_engine_is_chosen_by_measurement_and_passes_the_gate(built):
     eng = built["engine"]
     assert eng["backend"] == "onnxruntime" and eng["precision"] == "int8" and eng["gate_passed"]
-    assert set(eng["candidates"]) == {"dynamic", "qdq"} and eng["form"] in eng["candidates"]
-    speeds = {k: v["speed"]["batch64_ms_per_text"] for k, v in eng["candidates"].items() if v["passed"]}
+    assert set(eng["candidates"]) == {"static", "qdq"} and eng["form"] in eng["candidates"]
+    speeds = {k: v["speed"]["batch1_ms"] * v["speed"]["batch64_ms_per_text"] for k, v in eng["candidates"].items()
+              if v["passed"]}
     assert eng["form"] == min(speeds, key=speeds.get)
     assert Path(eng["path"], "model.onnx").is_file()
 
@@ -218,3 +220,41 @@ def test_tensorrt_int8_plan_matches_fp32(chain, cli):
     err = _one_line_error(cli("ask", QUESTION, "--recipe", chain["recipe"], "--set", "encoder.backend=tensorrt",
                               "--set", "encoder.precision=int8", ok=False))
     assert "build-engine --int8 --backend tensorrt" in err
+
+
+def test_doctor_reports_whether_the_int8_engine_is_usable(built, cli, make_recipe):
+    rep = cli.json("doctor", "--recipe", make_recipe(), "--set", "encoder.precision=int8")
+    enc = rep["stages"]["encoder"]
+    assert not enc["ok"] and "trtrag build-engine --int8" in enc["engine"]["status"]
+    rep = cli.json("doctor", "--recipe", built["recipe"], "--set", "encoder.precision=int8")
+    enc = rep["stages"]["encoder"]
+    assert enc["ok"] and enc["engine"]["gate"]["mean_cosine"] >= 0.99
+
+
+def test_recall_gate_skips_eval_queries_of_another_corpus(chain, tmp_path):
+    from trtrag_cli.calibrate import load_calibration
+    from trtrag_cli.encoders.models import model_info
+    from trtrag_cli.quantize import gate
+    from trtrag_cli.recipe import load_recipe
+
+    recipe = load_recipe(chain["recipe"])
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"query": "ferry times", "relevant": ["not/in/this/index.md"]}) + "\n"
+                     + json.dumps({"query": "warranty", "relevant": ["policies/warranty-th-pg-series.md"]}) + "\n")
+    fp32 = Path(load_calibration(recipe)[1]["fp32_onnx"])
+    probe = gate.Probe.build(recipe, model_info(recipe.encoder.model), fp32, ["warranty terms"], other)
+    assert probe.recall is not None and len(probe.recall.queries) == 1
+    assert any("1 of 2 queries" in w for w in probe.warnings)
+    other.write_text(json.dumps({"query": "ferry times", "relevant": ["not/in/this/index.md"]}) + "\n")
+    probe = gate.Probe.build(recipe, model_info(recipe.encoder.model), fp32, ["warranty terms"], other)
+    assert probe.recall is None and any("recall gate skipped" in w for w in probe.warnings)
+
+
+def test_without_a_query_set_calibration_samples_the_corpus_and_warns(chain, cli):
+    rep = cli.json("calibrate", "--recipe", chain["recipe"], "--set", "calibrate.queries=no/such/folder",
+                   "--set", "calibrate.eval=")
+    assert rep["queries"]["source"] == "<indexed corpus>" and rep["queries"]["count"] >= 1024
+    assert any("sampled" in w and "real user queries" in w for w in rep["warnings"])
+    assert "recall@10" not in rep["gate"]["final"]
+    err = _one_line_error(cli("calibrate", "--queries", "no/such/file.txt", "--recipe", chain["recipe"], ok=False))
+    assert "calibration queries not found: no/such/file.txt" in err

@@ -9,6 +9,7 @@ to <workspace>/<name>/calibration/ in one atomic step:
   calibration.json   method, per-tensor ranges, query-set hash, drift history, gate report
   calibration.cache  the same activation ranges in TensorRT's legacy (<= 10) implicit-INT8 cache format
   holdout.txt        the held-out queries the gate used, so build-engine gates its own INT8 form the same way
+  smoothing.json     SmoothQuant factors applied before quantizing (quantize/smooth.py)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ QDQ_MODEL = "model.qdq.onnx"
 REPORT = "calibration.json"
 TRT_CACHE = "calibration.cache"
 HOLDOUT = "holdout.txt"
+SMOOTHING = "smoothing.json"
 # TensorRT version written into the legacy cache header when tensorrt is not installed here.
 LEGACY_TRT_VERSION = (10, 16, 1)
 CACHE_ALGORITHM = "EntropyCalibration2"  # IInt8EntropyCalibrator2 is the calibrator that reads it back
@@ -116,32 +118,64 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def collect(model, tokenizer, batches: list[list[str]], method: str, percentile: float, min_iterations: int,
-            max_iterations: int, tolerance: float, threads: int = 0, progress=None):
-    """Stream batches through the fp32 model; return (collector, ranges, history, stable)."""
-    import onnxruntime as ort
+class _Runner:
+    """Runs texts through a model that also returns the named tensors; hands each run's real tokens on."""
 
-    from .encoders.batching import length_sorted_batches
-    from .encoders.onnxruntime import _pad, session_options
-    from .quantize import qdq, stats
+    def __init__(self, model, names: list[str], tokenizer, threads: int):
+        import onnxruntime as ort
 
-    names = qdq.activation_names(qdq.find_sites(model))
-    session = ort.InferenceSession(qdq.with_outputs(model, names).SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
-    inputs = [i.name for i in session.get_inputs()]
-    collector = stats.RangeCollector(names)
-    history, previous, ranges, stable = [], None, {}, False
-    for iteration, batch in enumerate(batches[:max_iterations], 1):
-        started = time.perf_counter()
-        for _, ids in length_sorted_batches(tokenizer, batch, 256):
+        from .encoders.onnxruntime import session_options
+        from .quantize import qdq
+
+        self.names = names
+        self.tokenizer = tokenizer
+        self.session = ort.InferenceSession(qdq.with_outputs(model, names).SerializeToString(),
+                                            session_options(threads), providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def run(self, texts: list[str], sink) -> None:
+        from .encoders.batching import length_sorted_batches
+        from .encoders.onnxruntime import _pad
+
+        for _, ids in length_sorted_batches(self.tokenizer, texts, 256):
             per_run = max(1, RUN_TOKENS // len(ids[0]))
             for sub in range(0, len(ids), per_run):
                 part = ids[sub:sub + per_run]
                 input_ids, mask = _pad(part, len(part[0]))
                 feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
-                outs = session.run(names, {n: feeds[n] for n in inputs})
+                outs = self.session.run(self.names, {n: feeds[n] for n in self.inputs})
                 real = mask.astype(bool)  # padding positions are not data
-                collector.add({n: o[real] for n, o in zip(names, outs)})
+                sink({n: o[real] for n, o in zip(self.names, outs)})
+
+
+def smoothing_pass(model, tokenizer, batch: list[str], alpha: float, threads: int = 0):
+    """Per-channel maxima of the smoothable activations over one batch -> SmoothQuant factors."""
+    from .quantize import qdq, smooth
+
+    sites = qdq.find_sites(model)
+    names = [s.activation for s in smooth.smoothable(sites)]
+    channel_max = {n: None for n in names}
+
+    def sink(outs: dict) -> None:
+        for n, v in outs.items():
+            m = np.abs(v).max(axis=0)
+            channel_max[n] = m if channel_max[n] is None else np.maximum(channel_max[n], m)
+
+    _Runner(model, names, tokenizer, threads).run(batch, sink)
+    return smooth.plan(model, sites, channel_max, alpha)
+
+
+def collect(model, names: list[str], tokenizer, batches: list[list[str]], method: str, percentile: float,
+            min_iterations: int, max_iterations: int, tolerance: float, threads: int = 0, progress=None):
+    """Stream batches through model, histogramming the named tensors; (collector, ranges, history, stable)."""
+    from .quantize import stats
+
+    runner = _Runner(model, names, tokenizer, threads)
+    collector = stats.RangeCollector(names)
+    history, previous, ranges, stable = [], None, {}, False
+    for iteration, batch in enumerate(batches[:max_iterations], 1):
+        started = time.perf_counter()
+        runner.run(batch, collector.add)
         ranges = collector.ranges(method, percentile)
         moved, tensor = stats.drift(previous, ranges) if previous else (float("inf"), "")
         history.append({"iteration": iteration, "queries": len(batch),
@@ -212,7 +246,7 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
     from .encoders.models import load_tokenizer, model_info
     from .encoders.onnxruntime import cache_folder, ensure_onnx
     from .indexing import encoder_cache
-    from .quantize import gate, qdq, stats
+    from .quantize import gate, qdq, smooth, stats
 
     cfg = recipe.calibrate
     method = method or cfg.method
@@ -236,11 +270,17 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
                         f"{min_iter} are needed to confirm the ranges are stable")
     info = model_info(recipe.encoder.model)
     fp32_path = ensure_onnx(recipe.encoder.model, cache_folder(encoder_cache(recipe), recipe.encoder.model), "plain")
-    model = onnx.load(str(fp32_path))
+    plain = onnx.load(str(fp32_path))
     tokenizer = load_tokenizer(info.dir, recipe.encoder.max_tokens)
     started = time.perf_counter()
-    collector, ranges, history, stable = collect(model, tokenizer, batches, method, cfg.percentile, min_iter,
-                                                 max_iter, cfg.tolerance, recipe.encoder.threads, progress)
+    smoothings = smoothing_pass(plain, tokenizer, batches[0], cfg.smooth_alpha, recipe.encoder.threads) \
+        if cfg.smooth_alpha > 0 else []
+    model = smooth.apply(plain, smoothings)  # FP32-exact; its MatMul inputs are what gets quantized
+    plain_names = qdq.activation_names(qdq.find_sites(plain))
+    names = list(dict.fromkeys(qdq.activation_names(qdq.find_sites(model)) + plain_names))
+    collector, ranges, history, stable = collect(model, names, tokenizer, batches, method, cfg.percentile,
+                                                 min_iter, max_iter, cfg.tolerance, recipe.encoder.threads,
+                                                 progress)
     if not stable and len(batches) >= min_iter:
         last = history[-1]["drift"]
         moved = "only one batch ran" if last is None else f"they still moved {last:.3%} in the last batch"
@@ -267,7 +307,10 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
             warnings.append(message)
         build(frozenset(verdict["kept_float"]))  # the file left in place is the gated model
         trt_version = _installed_trt_version()
-        (out / TRT_CACHE).write_text(trt_cache_text(ranges, trt_version), encoding="utf-8")
+        # The legacy cache serves TensorRT's implicit INT8 of the plain FP32 export: unsmoothed tensors.
+        (out / TRT_CACHE).write_text(trt_cache_text({n: ranges[n] for n in plain_names}, trt_version),
+                                     encoding="utf-8")
+        smooth.save(out / SMOOTHING, smoothings, cfg.smooth_alpha)
         (out / HOLDOUT).write_text("".join(q.replace("\n", " ") + "\n" for q in holdout), encoding="utf-8")
         report = {
             "model": recipe.encoder.model, "fp32_onnx": str(fp32_path),
@@ -280,12 +323,13 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
             "ranges": {name: round(float(v), 6) for name, v in ranges.items()},
             "tensor_max": {name: round(h.max, 6) for name, h in collector.hists.items()},
             "sites": len(qdq.find_sites(model)), "gate": verdict,
+            "smoothing": {"alpha": cfg.smooth_alpha, "sites": len(smoothings), "file": SMOOTHING},
             "trt_cache": {"file": TRT_CACHE, "version": ".".join(map(str, trt_version)),
                           "algorithm": CACHE_ALGORITHM},
             "versions": library_versions(("numpy", "onnx", "onnxruntime")),
             "warnings": warnings,
         }
-        report["id"] = hashlib.sha256(json.dumps([report["ranges"], verdict["kept_float"], method],
+        report["id"] = hashlib.sha256(json.dumps([report["ranges"], verdict["kept_float"], method, cfg.smooth_alpha],
                                                  sort_keys=True).encode()).hexdigest()[:12]
         write_json(out / REPORT, report)
     report["path"] = str(ws.root / CALIBRATION_DIR)

@@ -80,6 +80,7 @@ class CalibrateConfig:
     queries: str = "calibration"          # file or folder of domain queries (txt, or jsonl with "query")
     method: Literal["entropy", "percentile", "max"] = "percentile"
     percentile: float = 99.99
+    smooth_alpha: float = 0.8             # SmoothQuant migration strength; 0 turns smoothing off
     batch_size: int = 1024                # queries per calibration batch (at least 1024)
     min_iterations: int = 5
     max_iterations: int = 10
@@ -215,6 +216,9 @@ def _check_bounds(obj, path: str, src: str) -> None:
         if obj.min_iterations > obj.max_iterations:
             raise TrtragError(f"{src}: calibrate.min_iterations ({obj.min_iterations}) exceeds max_iterations "
                               f"({obj.max_iterations})", "the design's advice is 5 to 10 iterations")
+        if not 0.0 <= obj.smooth_alpha < 1.0:
+            raise TrtragError(f"{src}: calibrate.smooth_alpha must be within [0, 1), got {obj.smooth_alpha}",
+                              "0.8 suits MiniLM; 0 turns smoothing off")
         if not 50.0 < obj.percentile <= 100.0:
             raise TrtragError(f"{src}: calibrate.percentile must be within (50, 100], got {obj.percentile}",
                               "99.99 suits transformer activations")

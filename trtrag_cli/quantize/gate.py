@@ -77,22 +77,32 @@ class Probe:
                 if store is None:
                     warnings.append(f"recall gate skipped: no index to evaluate {eval_path} against")
                 else:
-                    probe.recall = _recall_data(recipe, store, gen, Path(eval_path), ref)
+                    probe.recall = _recall_data(recipe, store, gen, Path(eval_path), ref, warnings)
         return probe
 
 
-def _recall_data(recipe, store, gen: Path, eval_path: Path, ref) -> RecallData:
+def _recall_data(recipe, store, gen: Path, eval_path: Path, ref, warnings: list[str]) -> RecallData | None:
     from ..evaluate import load_queries
     from ..indexing import index_text
     from ..lexical import LexicalIndex
 
+    known = {r.source for r in store.records}
     queries = load_queries(eval_path)
+    usable = [q for q in queries if known & set(q["relevant"])]
+    if not usable:
+        # e.g. the default recipe's example queries against another corpus: recall would be 0 for both.
+        warnings.append(f"recall gate skipped: no query in {eval_path} names a document of this index")
+        return None
+    if len(usable) < len(queries):
+        warnings.append(f"recall gate: {len(queries) - len(usable)} of {len(queries)} queries in {eval_path} "
+                        "name no indexed document and were left out")
+    queries = usable
     texts = [index_text(r.title, r.text) for r in store.records]
     lexical = LexicalIndex.load(gen / "bm25", recipe.lexical)
     # The index's own vectors are FP32 when the index was built by an FP32 encoder; else re-embed.
     vectors = store.vectors if "fp32" in str(_encoder_name(gen)) else ref.encode(texts, recipe.encoder.batch_size)
     data = RecallData(queries, texts, store.records, lexical, 0.0, vectors)
-    data.baseline = _recall_at(recipe, data, vectors, ref.encode([q["query"] for q in queries]))
+    data.baseline = _recall_at(recipe, data, vectors, ref.encode([q["query"] for q in queries], batch_size=1))
     return data
 
 
@@ -150,7 +160,8 @@ def measure(probe: Probe, encoder, with_recall: bool = True) -> dict:
     if with_recall and probe.recall is not None:
         data = probe.recall
         docs = encoder.encode(data.texts, batch_size=probe.recipe.encoder.batch_size)
-        queries = encoder.encode([x["query"] for x in data.queries])
+        # One at a time, as `ask` encodes them: a form whose vectors depend on the batch would show it here.
+        queries = encoder.encode([x["query"] for x in data.queries], batch_size=1)
         out["recall@10"] = round(_recall_at(probe.recipe, data, docs, queries), 4)
         out["recall@10_fp32"] = round(data.baseline, 4)
         out["recall@10_drop"] = round(data.baseline - out["recall@10"], 4)

@@ -1,0 +1,120 @@
+"""The CPU INT8 engine: the calibrated ranges on ORT's fused encoder graph, with u8 x s8 integer kernels.
+
+ONNX Runtime runs the Q/DQ model (the TensorRT artifact) slowly on an AVX2 CPU: at batch 1 it was four
+times slower than FP32, because its signed-activation Q/DQ MatMuls miss the fast u8 x s8 kernels and the
+unfused attention costs a third of the time in small reshapes. This form keeps the Q/DQ model's numbers
+(per-output-channel symmetric INT8 weights, the calibrated per-tensor activation ranges, the same layers
+in float) and changes only how they run:
+
+  - it starts from the fused graph (one Attention op per layer, SkipLayerNorm, BiasGelu);
+  - ORT's dynamic quantizer places DynamicQuantizeMatMul / DynamicQuantizeLinear + QAttention;
+  - each dynamic range is then replaced by the calibrated one: QuantizeLinear with a constant scale and
+    zero point 128 (u8 on the same grid as the symmetric s8 one: scale = amax / 127).
+
+Dynamic quantization alone was as fast, but it measures each activation's range per run, so a text's
+vector depended on the batch it was encoded with (up to 3e-2 per component between batch 1 and batch
+20), and recall measured on batched queries did not hold for queries asked one at a time. With constant
+ranges a text always gets the same vector.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TrtragError
+
+INT8_MAX = 127.0
+U8_ZERO = 128
+_QKV = re.compile(r"layer\.(\d+)/attention/self/(query|key|value)/MatMul$")
+
+
+def fused_node_names(fused_model, plain_nodes) -> list[str]:
+    """Names in the fused graph of plain-graph MatMuls: Q, K and V of layer i became `Attention` node i."""
+    attention = [n.name for n in fused_model.graph.node if n.op_type == "Attention"]
+    present = {n.name for n in fused_model.graph.node}
+    out = set()
+    for name in plain_nodes:
+        match = _QKV.search(name)
+        if match and int(match.group(1)) < len(attention):
+            out.add(attention[int(match.group(1))])
+        elif name in present:
+            out.add(name)
+        else:
+            raise TrtragError(f"{name} has no counterpart in the fused encoder graph",
+                              "delete the encoder cache folder and run trtrag calibrate again")
+    return sorted(out)
+
+
+def _fused_ranges(fused_model, ranges: dict[str, float], qkv_inputs: list[str]) -> dict[str, float]:
+    """Calibrated amax for fused-graph tensors: same names, except each Attention's input (layer order)."""
+    out = dict(ranges)
+    attention = [n for n in fused_model.graph.node if n.op_type == "Attention"]
+    for node, plain in zip(attention, qkv_inputs):
+        out[node.input[0]] = ranges[plain]
+    return out
+
+
+def build_static(fused: Path, dst: Path, keep_float_plain, ranges: dict[str, float], qkv_inputs: list[str],
+                 smoothings=()) -> None:
+    """Write the static CPU INT8 model of `fused` to dst (see module docstring).
+
+    smoothings (quantize/smooth.py) are applied first, exactly as calibration applied them to the plain
+    graph: the MatMuls and their weights keep their names through ORT's fusions.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from ..encoders.onnxruntime import _quiet_root_logger
+    from . import smooth
+
+    fused_model = smooth.apply(onnx.load(str(fused)), list(smoothings))
+    exclude = fused_node_names(fused_model, keep_float_plain)
+    amax = _fused_ranges(fused_model, ranges, qkv_inputs)
+    source = dst.with_name(dst.stem + ".smoothed.onnx")
+    onnx.save(fused_model, str(source))
+    with _quiet_root_logger():
+        # ORT's shape inference cannot type com.microsoft ops; their outputs are float here.
+        quantize_dynamic(str(source), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=exclude,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    source.unlink()
+    model = onnx.load(str(dst))
+    graph = model.graph
+    consts, nodes = [], []
+
+    def scale_of(tensor: str) -> tuple[str, str]:
+        if tensor not in amax:
+            raise TrtragError(f"no calibrated range for {tensor}", "run: trtrag calibrate")
+        tag = "static/" + tensor.strip("/")
+        if not any(c.name == f"{tag}_scale" for c in consts):
+            consts.extend([numpy_helper.from_array(np.array(max(amax[tensor], 1e-8) / INT8_MAX, np.float32),
+                                                   f"{tag}_scale"),
+                           numpy_helper.from_array(np.array(U8_ZERO, np.uint8), f"{tag}_zero_point")])
+        return f"{tag}_scale", f"{tag}_zero_point"
+
+    for node in graph.node:
+        if node.op_type == "DynamicQuantizeMatMul":
+            a, b, b_scale, b_zero = node.input[:4]
+            bias = node.input[4] if len(node.input) > 4 else ""
+            scale, zero = scale_of(a)
+            quantized = f"{node.name}_input_u8"
+            nodes.append(helper.make_node("QuantizeLinear", [a, scale, zero], [quantized], name=f"{node.name}_Q"))
+            nodes.append(helper.make_node("MatMulIntegerToFloat", [quantized, b, scale, b_scale, zero, b_zero, bias],
+                                          list(node.output), name=node.name, domain="com.microsoft"))
+        elif node.op_type == "DynamicQuantizeLinear":
+            x = node.input[0]
+            y, y_scale, y_zero = node.output
+            scale, zero = scale_of(x)
+            nodes.append(helper.make_node("QuantizeLinear", [x, scale, zero], [y], name=node.name))
+            nodes.append(helper.make_node("Identity", [scale], [y_scale], name=f"{node.name}_scale"))
+            nodes.append(helper.make_node("Identity", [zero], [y_zero], name=f"{node.name}_zero_point"))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(consts)
+    onnx.save(model, str(dst))
