@@ -9,7 +9,10 @@ in float) and changes only how they run:
   - it starts from the fused graph (one Attention op per layer, SkipLayerNorm, BiasGelu);
   - ORT's dynamic quantizer places DynamicQuantizeMatMul / DynamicQuantizeLinear + QAttention;
   - each dynamic range is then replaced by the calibrated one: QuantizeLinear with a constant scale and
-    zero point 128 (u8 on the same grid as the symmetric s8 one: scale = amax / 127).
+    zero point 128 (u8 on the same grid as the symmetric s8 one: scale = amax / 127);
+  - where the quantizer left MatMulInteger -> Cast -> Mul (after the fused Attention, whose output it
+    cannot type), the chain becomes one MatMulIntegerToFloat: in a probe on the Debian set, batch-1
+    throughput went from 1.43x to 1.74x FP32 (same outputs, cosine 0.9999993).
 
 Dynamic quantization alone was as fast, but it measures each activation's range per run, so a text's
 vector depended on the batch it was encoded with (up to 3e-2 per component between batch 1 and batch
@@ -115,6 +118,39 @@ def build_static(fused: Path, dst: Path, keep_float_plain, ranges: dict[str, flo
         else:
             nodes.append(node)
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(_fuse_integer_matmuls(nodes))
     graph.initializer.extend(consts)
     onnx.save(model, str(dst))
+
+
+def _fuse_integer_matmuls(nodes: list) -> list:
+    """MatMulInteger -> Cast -> Mul(a_scale x b_scale) chains become one MatMulIntegerToFloat.
+
+    ORT's dynamic quantizer emits the chain where it cannot type the MatMul's input (after the fused
+    Attention op); it runs as three ops where one fused kernel does the same arithmetic.
+    """
+    from onnx import helper
+
+    producer = {out: n for n in nodes for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    dropped, replaced = set(), {}
+    for mm in nodes:
+        if mm.op_type != "MatMulInteger" or len(mm.input) != 4:
+            continue
+        cast = consumers.get(mm.output[0], [])
+        mul = consumers.get(cast[0].output[0], []) if len(cast) == 1 and cast[0].op_type == "Cast" else []
+        if len(mul) != 1 or mul[0].op_type != "Mul":
+            continue
+        scales = producer.get(mul[0].input[1])
+        if scales is None or scales.op_type != "Mul" or len(consumers.get(scales.output[0], [])) != 1:
+            continue
+        a_scale, b_scale = scales.input
+        a, b, a_zero, b_zero = mm.input
+        replaced[id(mul[0])] = helper.make_node(
+            "MatMulIntegerToFloat", [a, b, a_scale, b_scale, a_zero, b_zero], list(mul[0].output),
+            name=mm.name, domain="com.microsoft")
+        dropped.update({id(mm), id(cast[0]), id(scales)})
+    return [replaced.get(id(n), n) for n in nodes if id(n) not in dropped]
