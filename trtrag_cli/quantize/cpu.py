@@ -11,8 +11,9 @@ in float) and changes only how they run:
   - each dynamic range is then replaced by the calibrated one: QuantizeLinear with a constant scale and
     zero point 128 (u8 on the same grid as the symmetric s8 one: scale = amax / 127);
   - where the quantizer left MatMulInteger -> Cast -> Mul (after the fused Attention, whose output it
-    cannot type), the chain becomes one MatMulIntegerToFloat: in a probe on the Debian set, batch-1
-    throughput went from 1.43x to 1.74x FP32 (same outputs, cosine 0.9999993).
+    cannot type), the chain becomes one MatMulIntegerToFloat (same outputs, cosine 0.9999993). A quick
+    probe suggested a batch-1 gain; the full benchmark did not confirm it (1.26x / 1.37x FP32 at batch
+    1 / 64, against 1.28x / 1.37x without the rewrite: within this machine's noise).
 
 Dynamic quantization alone was as fast, but it measures each activation's range per run, so a text's
 vector depended on the batch it was encoded with (up to 3e-2 per component between batch 1 and batch
