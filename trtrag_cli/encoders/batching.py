@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -28,3 +28,16 @@ def length_sorted_batches(tokenizer, texts: Sequence[str], batch_size: int) -> I
         for first in range(0, len(order), batch_size):
             rows = order[first:first + batch_size]
             yield start + rows, [encodings[i].ids for i in rows]
+
+
+def encode_sorted(tokenizer, texts: Sequence[str], batch_size: int, dim: int,
+                  embed: Callable[[list], np.ndarray], progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """float32 [len(texts), dim] in input order, embed(token id lists) run over length-sorted batches."""
+    out = np.empty((len(texts), dim), dtype=np.float32)
+    done = 0
+    for rows, ids in length_sorted_batches(tokenizer, texts, batch_size):
+        out[rows] = embed(ids)
+        done += len(rows)
+        if progress is not None:
+            progress(done)
+    return out

@@ -367,20 +367,15 @@ class OrtEncoder:
 
         if self._session is None:
             raise RuntimeError(f"{self.name} is closed")
-        from .batching import length_sorted_batches
+        from .batching import encode_sorted
 
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        done = 0
-        for rows, ids in length_sorted_batches(self._tokenizer, texts, batch_size):
+        def embed(ids: list) -> np.ndarray:
             # Split the batch so one run's activations stay cache-sized (see RUN_TOKENS).
             per_run = max(1, self.run_tokens // len(ids[0]))
-            for sub in range(0, len(rows), per_run):
-                part = ids[sub:sub + per_run]
-                out[rows[sub:sub + per_run]] = self._run(part, len(part[0]))
-            done += len(rows)
-            if progress is not None:
-                progress(done)
-        return out
+            return np.concatenate([self._run(ids[sub:sub + per_run], len(ids[sub]))
+                                   for sub in range(0, len(ids), per_run)])
+
+        return encode_sorted(self._tokenizer, texts, batch_size, self.dim, embed, progress)
 
     def _run(self, ids: list[list[int]], width: int) -> np.ndarray:
         import numpy as np

@@ -176,21 +176,18 @@ class TrtEncoder:
     def encode(self, texts: list[str], batch_size: int = 64,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Embed texts in input order as float32 [len(texts), dim]."""
-        from .batching import length_sorted_batches
+        from .batching import encode_sorted
         from .onnxruntime import _pad
 
         if self._context is None:
             raise RuntimeError(f"{self.name} is closed")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        done = 0
-        for rows, ids in length_sorted_batches(self._tokenizer, texts, min(batch_size, self._max_batch)):
+
+        def embed(ids: list) -> np.ndarray:
             input_ids, mask = _pad(ids, len(ids[0]))
-            out[rows] = self._run({"input_ids": input_ids, "attention_mask": mask,
-                                   "token_type_ids": np.zeros_like(input_ids)})
-            done += len(rows)
-            if progress is not None:
-                progress(done)
-        return out
+            return self._run({"input_ids": input_ids, "attention_mask": mask,
+                              "token_type_ids": np.zeros_like(input_ids)})
+
+        return encode_sorted(self._tokenizer, texts, min(batch_size, self._max_batch), self.dim, embed, progress)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch

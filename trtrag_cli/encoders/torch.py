@@ -273,24 +273,18 @@ class TorchEncoder:
     def encode(self, texts: list[str], batch_size: int = 64,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Embed texts in input order as float32 [len(texts), dim], batching texts of similar length."""
-        import numpy as np
-
         if self._model is None:
             raise RuntimeError(f"{self.name} is closed")
         if self._tokenizer is None:
             raise RuntimeError(f"{self.name} has no tokenizer; feed token ids to _run")
-        from .batching import length_sorted_batches
+        from .batching import encode_sorted
 
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        done = 0
-        for rows, ids in length_sorted_batches(self._tokenizer, texts, batch_size):
+        def embed(ids: list) -> np.ndarray:
             packed = self._pack(ids)  # each batch pads to its own bucket
             with self._lock, self._torch.inference_mode():
-                out[rows] = self._run(packed)[:len(rows)].cpu().numpy()
-            done += len(rows)
-            if progress is not None:
-                progress(done)
-        return out
+                return self._run(packed)[:len(ids)].cpu().numpy()
+
+        return encode_sorted(self._tokenizer, texts, batch_size, self.dim, embed, progress)
 
     def close(self) -> None:
         """Free the model, the captured graphs and their memory pool, and empty the CUDA cache."""
