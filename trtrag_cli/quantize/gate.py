@@ -146,8 +146,8 @@ def open_candidate(probe: Probe, path: Path, label: str = "gate-int8"):
     return OrtEncoder(path, probe.info, threads=probe.threads, max_tokens=probe.max_tokens, label=label)
 
 
-def measure(probe: Probe, encoder, with_recall: bool = True) -> dict:
-    """Cosine to FP32 (all, queries, passages), top-10 overlap and, if asked and possible, recall@10."""
+def measure(probe: Probe, encoder) -> dict:
+    """Cosine to FP32 (all, queries, passages) and top-10 overlap in the index; recall() adds recall@10."""
     got = encoder.encode(probe.texts, batch_size=probe.recipe.encoder.batch_size)
     cos = (got * probe.reference).sum(1)
     q = cos[:probe.n_queries]
@@ -157,15 +157,20 @@ def measure(probe: Probe, encoder, with_recall: bool = True) -> dict:
            "passages_mean_cosine": round(float(p.mean()), 5) if len(p) else None}
     if probe.index_vectors is not None and len(q):
         out["top10_overlap"] = round(_top_overlap(probe.index_vectors, probe.reference[:len(q)], got[:len(q)]), 4)
-    if with_recall and probe.recall is not None:
-        data = probe.recall
-        docs = encoder.encode(data.texts, batch_size=probe.recipe.encoder.batch_size)
-        # One at a time, as `ask` encodes them: a form whose vectors depend on the batch would show it here.
-        queries = encoder.encode([x["query"] for x in data.queries], batch_size=1)
-        out["recall@10"] = round(_recall_at(probe.recipe, data, docs, queries), 4)
-        out["recall@10_fp32"] = round(data.baseline, 4)
-        out["recall@10_drop"] = round(data.baseline - out["recall@10"], 4)
     return out
+
+
+def recall(probe: Probe, encoder) -> dict:
+    """recall@10 of encoder on the eval queries against FP32's, when the probe has eval data."""
+    data = probe.recall
+    if data is None:
+        return {}
+    docs = encoder.encode(data.texts, batch_size=probe.recipe.encoder.batch_size)
+    # One at a time, as `ask` encodes them: a form whose vectors depend on the batch would show it here.
+    queries = encoder.encode([x["query"] for x in data.queries], batch_size=1)
+    got = round(_recall_at(probe.recipe, data, docs, queries), 4)
+    return {"recall@10": got, "recall@10_fp32": round(data.baseline, 4),
+            "recall@10_drop": round(data.baseline - got, 4)}
 
 
 def passes(result: dict, cfg) -> bool:
@@ -197,16 +202,14 @@ def run(probe: Probe, build: Callable[[frozenset[str]], Path], sites, cfg, progr
 
     def step(reason: str) -> dict:
         with open_candidate(probe, build(frozenset(kept))) as enc:
-            result = measure(probe, enc, with_recall=result_cosine_ok(enc))
+            result = measure(probe, enc)
+            # Recall re-embeds the corpus: only worth it once the cheap cosine check passes.
+            if result["mean_cosine"] >= cfg.min_mean_cosine:
+                result.update(recall(probe, enc))
         steps.append({"kept_float": len(kept), "reason": reason, **result})
         if progress:
             progress({"gate": steps[-1]})
         return result
-
-    def result_cosine_ok(enc) -> bool:
-        # Recall re-embeds the corpus: only worth it once the cheap cosine check passes.
-        got = enc.encode(probe.texts[:SENSITIVITY_TEXTS], batch_size=probe.recipe.encoder.batch_size)
-        return float((got * probe.reference[:SENSITIVITY_TEXTS]).sum(1).mean()) >= cfg.min_mean_cosine
 
     result = step("all weight MatMuls INT8")
     ranking: dict[str, float] = {}
