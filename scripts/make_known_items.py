@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--docs", type=int, default=20000, help="number of documents")
     p.add_argument("--queries", type=int, default=1000, help="number of queries")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--calibration", type=int, default=6144,
+    p.add_argument("--calibration", type=int, default=11264,
                    help="synopses of other indexed packages written to calibration.txt (0: none)")
     p.add_argument("--source", choices=("debian", "man"), default="debian")
     p.add_argument("--min-words", type=int, default=MIN_WORDS,

@@ -211,3 +211,42 @@ def test_smoothing_is_exact_in_fp32_and_tames_outlier_channels(tmp_path):
     back = smooth.load(tmp_path / "s.json")
     assert [b.activation for b in back] == ["x", "h"] and np.allclose(back[0].factors, plan[0].factors)
     assert smooth.load(tmp_path / "missing.json") == []
+
+
+def test_tuning_picks_smoothing_and_a_percentile_that_keeps_rare_huge_values():
+    from onnx import numpy_helper
+
+    from trtrag_cli.calibrate import _RowSample
+    from trtrag_cli.quantize import smooth
+
+    model = _ffn_model()
+    rng = np.random.default_rng(6)
+    x = rng.normal(0, 1, (4000, 8)).astype(np.float32)
+    x[:, 3] *= 30.0                     # an outlier channel: smoothing should win for x
+    w1 = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w1"))
+    h = x @ w1
+    h[::997] *= 60.0                    # four huge rows, as MiniLM's GELU outputs have: clipping them hurts
+    sites = qdq.find_sites(model)
+    channel_max = {"x": np.abs(x).max(0), "h": np.abs(h).max(0)}
+    tuning = smooth.search(model, sites, channel_max, {"x": x, "h": h}, (0.5, 0.8), (99.9, 100.0))
+    chosen = {r["tensor"]: r for r in tuning.report}
+    assert chosen["x_smoothed"]["alpha"] in (0.5, 0.8)
+    assert chosen["x_smoothed"]["error"] < chosen["x_smoothed"]["error_untuned"]["none@99.9"]
+    h_row = chosen.get("h_smoothed") or chosen["h"]
+    assert h_row["percentile"] == 100.0   # 99.9 would clip the huge rows that dominate the product
+    assert h_row["error_untuned"]["none@99.9"] > 10 * h_row["error_untuned"]["none@100"]
+    # Plain names always get their own best unsmoothed percentile (for TensorRT's legacy cache).
+    assert {"x", "h"} <= set(tuning.percentiles) and "x_smoothed" in tuning.percentiles
+    assert [s.activation for s in tuning.smoothings][0] == "x"
+    # The chosen percentile is applied to that tensor only.
+    collector = RangeCollector(["x_smoothed", "other"])
+    values = np.concatenate([np.ones(99_990), np.full(10, 50.0)]).astype(np.float32)
+    collector.add({"x_smoothed": values, "other": values})
+    ranges = collector.ranges("percentile", 99.9, {"x_smoothed": 100.0})
+    assert ranges["x_smoothed"] == pytest.approx(50.0) and ranges["other"] < 2.0
+    # Row sampling keeps at most its size, drawn from every batch that passed.
+    sample = _RowSample(100)
+    for batch in range(5):
+        sample.add(np.full((80, 2), batch, np.float32))
+    assert sample.rows.shape == (100, 2) and len(set(sample.rows[:, 0].tolist())) == 5
+

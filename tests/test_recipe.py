@@ -43,7 +43,7 @@ def test_wrong_type_names_path_and_expected_type(tmp_path):
 def test_literal_choices_are_listed(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("index:\n  kind: annoy\n")
-    with pytest.raises(TrtragError, match="one of 'flat', 'ivf', 'hnsw'"):
+    with pytest.raises(TrtragError, match="one of 'flat', 'ivf', 'ivfpq', 'hnsw'"):
         load_recipe(p)
 
 

@@ -148,26 +148,71 @@ class _Runner:
                 sink({n: o[real] for n, o in zip(self.names, outs)})
 
 
-def smoothing_pass(model, tokenizer, batch: list[str], alpha: float, threads: int = 0):
-    """Per-channel maxima of the smoothable activations over one batch -> SmoothQuant factors."""
+TUNE_ALPHAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+TUNE_ROWS = 4096  # sampled token rows per tensor for the tuning search
+
+
+class _RowSample:
+    """A uniform random sample of at most `size` rows over every run (random keys, keep the smallest)."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.keys: np.ndarray | None = None
+        self.rows: np.ndarray | None = None
+
+    def add(self, rows: np.ndarray) -> None:
+        keys = self.rng.random(len(rows))
+        if self.rows is not None:
+            keys, rows = np.concatenate([self.keys, keys]), np.concatenate([self.rows, rows])
+        keep = np.argsort(keys)[:self.size]
+        self.keys, self.rows = keys[keep], rows[keep]
+
+
+def smoothing_pass(model, tokenizer, batches: list[list[str]], cfg, method: str, threads: int = 0):
+    """SmoothQuant factors (and, with calibrate.tune, per-tensor range percentiles).
+
+    Factors come from the per-channel maxima of the first batch. Tuning judges them on rows sampled from
+    the second batch: judged on the rows they were fitted to, alphas near 1 won by dividing channels
+    that happened to stay small there, and the next batch's values in those channels came out up to 8x
+    the range. Returns (smoothings, percentiles keyed by tensor, tuning report or None).
+    """
     from .quantize import qdq, smooth
 
     sites = qdq.find_sites(model)
-    names = [s.activation for s in smooth.smoothable(sites)]
+    tune = cfg.tune and method in ("percentile", "max")
+    names = qdq.activation_names(sites) if tune else [s.activation for s in smooth.smoothable(sites)]
     channel_max = {n: None for n in names}
+    samples = {n: _RowSample(TUNE_ROWS) for n in names}
 
-    def sink(outs: dict) -> None:
+    def fit(outs: dict) -> None:
         for n, v in outs.items():
             m = np.abs(v).max(axis=0)
             channel_max[n] = m if channel_max[n] is None else np.maximum(channel_max[n], m)
 
-    _Runner(model, names, tokenizer, threads).run(batch, sink)
-    return smooth.plan(model, sites, channel_max, alpha)
+    def sample(outs: dict) -> None:
+        for n, v in outs.items():
+            samples[n].add(v)
+
+    runner = _Runner(model, names, tokenizer, threads)
+    runner.run(batches[0], fit)
+    if not tune:
+        alpha = cfg.smooth_alpha
+        return (smooth.plan(model, sites, channel_max, alpha) if alpha > 0 else []), {}, None
+    runner.run(batches[1] if len(batches) > 1 else batches[0], sample)
+    alphas = TUNE_ALPHAS if cfg.smooth_alpha > 0 else ()
+    percentiles = sorted({100.0} if method == "max" else {cfg.percentile, 99.999, 100.0})
+    tuning = smooth.search(model, sites, channel_max, {n: s.rows for n, s in samples.items()}, alphas, percentiles)
+    return tuning.smoothings, tuning.percentiles, tuning.report
 
 
 def collect(model, names: list[str], tokenizer, batches: list[list[str]], method: str, percentile: float,
-            min_iterations: int, max_iterations: int, tolerance: float, threads: int = 0, progress=None):
-    """Stream batches through model, histogramming the named tensors; (collector, ranges, history, stable)."""
+            min_iterations: int, max_iterations: int, tolerance: float, threads: int = 0, progress=None,
+            chosen: dict[str, float] | None = None):
+    """Stream batches through model, histogramming the named tensors; (collector, ranges, history, stable).
+
+    chosen: tensors whose range takes their own percentile instead of the method's (calibrate.tune).
+    """
     from .quantize import stats
 
     runner = _Runner(model, names, tokenizer, threads)
@@ -176,7 +221,7 @@ def collect(model, names: list[str], tokenizer, batches: list[list[str]], method
     for iteration, batch in enumerate(batches[:max_iterations], 1):
         started = time.perf_counter()
         runner.run(batch, collector.add)
-        ranges = collector.ranges(method, percentile)
+        ranges = collector.ranges(method, percentile, chosen)
         moved, tensor = stats.drift(previous, ranges) if previous else (float("inf"), "")
         history.append({"iteration": iteration, "queries": len(batch),
                         "drift": None if previous is None else round(moved, 5), "worst_tensor": tensor,
@@ -273,14 +318,15 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
     plain = onnx.load(str(fp32_path))
     tokenizer = load_tokenizer(info.dir, recipe.encoder.max_tokens)
     started = time.perf_counter()
-    smoothings = smoothing_pass(plain, tokenizer, batches[0], cfg.smooth_alpha, recipe.encoder.threads) \
-        if cfg.smooth_alpha > 0 else []
+    if cfg.tune and method == "entropy":
+        warnings.append("calibrate.tune chooses percentiles, which entropy calibration does not use: it was skipped")
+    smoothings, chosen, tuning = smoothing_pass(plain, tokenizer, batches, cfg, method, recipe.encoder.threads)
     model = smooth.apply(plain, smoothings)  # FP32-exact; its MatMul inputs are what gets quantized
     plain_names = qdq.activation_names(qdq.find_sites(plain))
     names = list(dict.fromkeys(qdq.activation_names(qdq.find_sites(model)) + plain_names))
     collector, ranges, history, stable = collect(model, names, tokenizer, batches, method, cfg.percentile,
                                                  min_iter, max_iter, cfg.tolerance, recipe.encoder.threads,
-                                                 progress)
+                                                 progress, chosen)
     if not stable and len(batches) >= min_iter:
         last = history[-1]["drift"]
         moved = "only one batch ran" if last is None else f"they still moved {last:.3%} in the last batch"
@@ -310,7 +356,7 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
         # The legacy cache serves TensorRT's implicit INT8 of the plain FP32 export: unsmoothed tensors.
         (out / TRT_CACHE).write_text(trt_cache_text({n: ranges[n] for n in plain_names}, trt_version),
                                      encoding="utf-8")
-        smooth.save(out / SMOOTHING, smoothings, cfg.smooth_alpha)
+        smooth.save(out / SMOOTHING, smoothings, "tuned" if tuning else cfg.smooth_alpha)
         (out / HOLDOUT).write_text("".join(q.replace("\n", " ") + "\n" for q in holdout), encoding="utf-8")
         report = {
             "model": recipe.encoder.model, "fp32_onnx": str(fp32_path),
@@ -323,13 +369,16 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
             "ranges": {name: round(float(v), 6) for name, v in ranges.items()},
             "tensor_max": {name: round(h.max, 6) for name, h in collector.hists.items()},
             "sites": len(qdq.find_sites(model)), "gate": verdict,
-            "smoothing": {"alpha": cfg.smooth_alpha, "sites": len(smoothings), "file": SMOOTHING},
+            "smoothing": {"alpha": "tuned" if tuning else cfg.smooth_alpha, "sites": len(smoothings),
+                          "file": SMOOTHING},
+            "tuning": tuning,
             "trt_cache": {"file": TRT_CACHE, "version": ".".join(map(str, trt_version)),
                           "algorithm": CACHE_ALGORITHM},
             "versions": library_versions(("numpy", "onnx", "onnxruntime")),
             "warnings": warnings,
         }
-        report["id"] = hashlib.sha256(json.dumps([report["ranges"], verdict["kept_float"], method, cfg.smooth_alpha],
+        report["id"] = hashlib.sha256(json.dumps([report["ranges"], verdict["kept_float"], method,
+                                                  [s.factors.tolist() for s in smoothings]],
                                                  sort_keys=True).encode()).hexdigest()[:12]
         write_json(out / REPORT, report)
     report["path"] = str(ws.root / CALIBRATION_DIR)

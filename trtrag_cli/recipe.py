@@ -43,12 +43,19 @@ class ChunkingConfig:
 
 @dataclass
 class IndexConfig:
-    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    kind: Literal["flat", "ivf", "ivfpq", "hnsw"] = "flat"
     nlist: int = 256
     nprobe: int = 16
+    pq_m: int = 0                         # ivfpq sub-quantizers; 0 = dim / 8
+    pq_bits: int = 8
     hnsw_m: int = 32
     ef_construction: int = 200
     ef_search: int = 128
+    device: Literal["auto", "cpu", "gpu"] = "auto"      # where searches run; auto = a GPU when one is usable
+    exact: Literal["auto", "torch", "faiss"] = "auto"   # GPU engine for flat; auto = measured at load
+    fp16: bool = True                     # GPU: fp16 flat vectors, fp16 ivfpq lookup tables
+    gpus: int = 0                         # GPUs to use; 0 = all visible
+    multi_gpu: Literal["shard", "replicate"] = "shard"
 
 
 @dataclass
@@ -70,9 +77,28 @@ class RetrieveConfig:
 
 @dataclass
 class AnswerConfig:
-    generator: Literal["extractive"] = "extractive"
-    max_sentences: int = 3
-    passages: int = 3
+    generator: Literal["extractive", "transformers", "openai", "tensorrt-llm"] = "extractive"
+    max_sentences: int = 3                # extractive: sentences in the answer
+    passages: int = 3                     # passages handed to the generator
+    model: str = ""                       # transformers / tensorrt-llm: local model folder; openai: its tokenizer
+    max_new_tokens: int = 256
+    temperature: float = 0.0              # 0 = greedy
+    top_k: int = 0                        # 0 = off
+    top_p: float = 1.0
+    seed: int = 0                         # -1 = unseeded
+    stop: list[str] = field(default_factory=list)
+    context: int = 0                      # tokens the prompt plus answer may use; 0 = the model's own limit
+    device: str = "auto"                  # transformers: auto | cpu | cuda[:n]
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    compile: bool = False                 # transformers on a GPU: compile the decode step
+    base_urls: list[str] = field(default_factory=list)  # openai: the nodes, balanced with failover
+    served_model: str = ""                # openai: the model name the nodes serve
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 60.0
+    fallback: Literal["none", "extractive"] = "none"   # when the generator fails at answer time
+    tensor_parallel: int = 1              # tensorrt-llm
+    kv_cache_reuse: bool = True           # tensorrt-llm: KV cache block reuse across requests
+    gpu_memory_fraction: float = 0.9      # tensorrt-llm: share of free GPU memory for the KV cache
 
 
 @dataclass
@@ -81,6 +107,7 @@ class CalibrateConfig:
     method: Literal["entropy", "percentile", "max"] = "percentile"
     percentile: float = 99.99
     smooth_alpha: float = 0.8             # SmoothQuant migration strength; 0 turns smoothing off
+    tune: bool = True                     # per MatMul input: alpha and range percentile by INT8 product error
     batch_size: int = 1024                # queries per calibration batch (at least 1024)
     min_iterations: int = 5
     max_iterations: int = 10
@@ -195,7 +222,8 @@ def _build(cls, data: dict, nodes: dict, path: str, src: str):
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_POSITIVE = {"max_tokens", "batch_size", "top_n", "top_k", "nlist", "nprobe", "hnsw_m", "ef_construction",
+_POSITIVE = {"max_tokens", "batch_size", "top_n", "max_new_tokens", "timeout_s", "tensor_parallel",
+             "nlist", "nprobe", "pq_bits", "hnsw_m", "ef_construction",
              "ef_search", "rrf_k", "max_sentences", "passages", "max_file_mb", "min_iterations",
              "max_iterations", "tolerance", "holdout", "min_batch", "opt_batch", "max_batch", "min_tokens",
              "opt_tokens", "workspace_mb"}
@@ -227,6 +255,17 @@ def _check_bounds(obj, path: str, src: str) -> None:
         raise TrtragError(f"{src}: engine profile must satisfy min <= opt <= max (batch {obj.min_batch}/"
                           f"{obj.opt_batch}/{obj.max_batch}, tokens {obj.min_tokens}/{obj.opt_tokens})",
                           "order the engine.* sizes; the largest sequence is encoder.max_tokens")
+    if isinstance(obj, IndexConfig) and (obj.pq_m < 0 or obj.gpus < 0 or obj.pq_bits > 16):
+        raise TrtragError(f"{src}: index.pq_m and index.gpus must be 0 or more and pq_bits at most 16 "
+                          f"(got {obj.pq_m}, {obj.gpus}, {obj.pq_bits})", "0 means the default for pq_m and gpus")
+    if isinstance(obj, RetrieveConfig) and obj.top_k <= 0:
+        raise TrtragError(f"{src}: retrieve.top_k must be positive, got {obj.top_k}", "set a value above zero")
+    if isinstance(obj, AnswerConfig) and not (obj.temperature >= 0 and obj.top_k >= 0 and 0 < obj.top_p <= 1
+                                              and 0 < obj.gpu_memory_fraction <= 1 and obj.context >= 0):
+        raise TrtragError(f"{src}: answer sampling settings out of range (temperature {obj.temperature}, top_k "
+                          f"{obj.top_k}, top_p {obj.top_p}, gpu_memory_fraction {obj.gpu_memory_fraction}, "
+                          f"context {obj.context})", "temperature >= 0, top_k >= 0, 0 < top_p <= 1, "
+                          "0 < gpu_memory_fraction <= 1, context >= 0")
     if isinstance(obj, RetrieveConfig) and not 0.0 <= obj.dense_weight <= 1.0:
         raise TrtragError(f"{src}: retrieve.dense_weight must be within [0, 1], got {obj.dense_weight}",
                           "use 0 for lexical only, 1 for dense only")

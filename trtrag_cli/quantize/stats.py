@@ -126,9 +126,17 @@ class RangeCollector:
         for name, values in outputs.items():
             self.hists[name].add(values)
 
-    def ranges(self, method: str, percentile: float = 99.99) -> dict[str, float]:
-        """amax per tensor."""
-        return {name: h.amax(method, percentile) for name, h in self.hists.items()}
+    def ranges(self, method: str, percentile: float = 99.99,
+               chosen: dict[str, float] | None = None) -> dict[str, float]:
+        """amax per tensor; a tensor in `chosen` takes its own percentile (100: the maximum) instead."""
+        chosen = chosen or {}
+        out = {}
+        for name, h in self.hists.items():
+            if name in chosen:
+                out[name] = h.amax("max") if chosen[name] >= 100.0 else h.amax("percentile", chosen[name])
+            else:
+                out[name] = h.amax(method, percentile)
+        return out
 
 
 def drift(previous: dict[str, float], current: dict[str, float]) -> tuple[float, str]:
