@@ -251,3 +251,30 @@ def test_titles_are_indexed_with_their_text(cli, make_recipe, tmp_path):
         res = cli.json("ask", "Zanzibar timetable", "--mode", mode, "--recipe", recipe)
         assert res["passages"][0]["source"] == "ferry"
         assert res["passages"][0]["text"] == "Boats leave at nine and at noon."
+
+
+def test_doctor_advice_follows_the_designs_sizing_rules(tmp_path):
+    import json as _json
+    from types import SimpleNamespace
+
+    from trtrag_cli.doctor import generator_params, hardware_advice, vector_index_stage
+    from trtrag_cli.recipe import load_recipe
+
+    recipe = load_recipe(None, [])
+    small = [{"name": "T4", "memory_mib": 1024, "driver": "x", "compute_capability": "7.5"}]
+    big = [{"name": "H200", "memory_mib": 143771, "driver": "x", "compute_capability": "9.0"}]
+    warned = hardware_advice(recipe, small, index_vectors=1_000_000)  # 1M x 384 fp16 = 0.7 GiB, twice is > 1 GiB
+    assert len(warned) == 1 and "twice" in warned[0]
+    assert hardware_advice(recipe, big, index_vectors=1_000_000) == []
+    assert hardware_advice(recipe, [], index_vectors=10**9) == []  # no GPU: nothing to size
+    # A 70B-shaped generator config: about 69B parameters, past the 32B line.
+    model = tmp_path / "llama70b"
+    model.mkdir()
+    (model / "config.json").write_text(_json.dumps({"hidden_size": 8192, "num_hidden_layers": 80,
+                                                    "num_attention_heads": 64, "num_key_value_heads": 8,
+                                                    "intermediate_size": 28672, "vocab_size": 128256}))
+    fake = SimpleNamespace(answer=SimpleNamespace(model=str(model)), encoder=recipe.encoder, index=recipe.index)
+    assert 65e9 < generator_params(fake) < 72e9
+    assert any("tensor parallelism" in w for w in hardware_advice(fake, big))
+    hnsw = load_recipe(None, ["index.kind=hnsw", "index.device=auto"])
+    assert vector_index_stage(hnsw, big)["backend"] == "faiss-cpu"

@@ -18,12 +18,12 @@ def _unit(rng, n, d=32):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
 def test_kinds_find_exact_neighbour_and_round_trip(tmp_path, kind):
     rng = np.random.default_rng(0)
     x = _unit(rng, 2000)
     ids = np.arange(1000, 3000, dtype=np.int64)
-    cfg = IndexConfig(kind=kind, nlist=16, nprobe=16, hnsw_m=16)
+    cfg = IndexConfig(kind=kind, nlist=16, nprobe=16, hnsw_m=16, pq_m=16, device="cpu")
     vi = VectorIndex(cfg, 32)
     vi.build(x, ids)
     _, got = vi.search(x[:50], 5)
@@ -35,16 +35,92 @@ def test_kinds_find_exact_neighbour_and_round_trip(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
-def test_delete_in_place(kind):
+def test_delete_in_place_keeps_the_other_ids_right(kind):
     rng = np.random.default_rng(1)
     x = _unit(rng, 500)
-    ids = np.arange(500, dtype=np.int64)
-    vi = VectorIndex(IndexConfig(kind=kind, nlist=4, nprobe=4), 32)
+    ids = np.arange(500, dtype=np.int64) * 10 + 7
+    vi = VectorIndex(IndexConfig(kind=kind, nlist=4, nprobe=4, device="cpu"), 32)
     vi.build(x, ids)
     assert vi.remove(ids[:10]) == 10
     _, got = vi.search(x[:10], 3)
-    assert not set(got.ravel().tolist()) & set(range(10))
+    assert not set(got.ravel().tolist()) & set(ids[:10].tolist())
     assert vi.ntotal == 490
+    # Each survivor still finds itself under its own id (an IDMap around an IVF got this wrong).
+    _, got = vi.search(x[10:60], 1)
+    np.testing.assert_array_equal(got[:, 0], ids[10:60])
+
+
+def test_ivf_in_an_idmap_from_older_versions_is_rebuilt_not_edited(tmp_path):
+    import faiss
+
+    x = _unit(np.random.default_rng(4), 400)
+    old = faiss.IndexIDMap2(faiss.IndexIVFFlat(faiss.IndexFlatIP(32), 32, 4, faiss.METRIC_INNER_PRODUCT))
+    old.train(x)
+    old.add_with_ids(x, np.arange(400, dtype=np.int64))
+    faiss.write_index(old, str(tmp_path / "v.faiss"))
+    vi = VectorIndex.load(tmp_path / "v.faiss", IndexConfig(kind="ivf", device="cpu"), 32)
+    assert vi.kind() == "ivf" and not vi.supports_remove()
+    with pytest.raises(TrtragError, match="rebuild"):
+        vi.remove(np.arange(3, dtype=np.int64))
+
+
+def test_ivfpq_needs_a_divisor_of_the_dimension():
+    vi = VectorIndex(IndexConfig(kind="ivfpq", pq_m=5, device="cpu"), 32)
+    with pytest.raises(TrtragError, match="does not divide"):
+        vi.build(_unit(np.random.default_rng(5), 100), np.arange(100, dtype=np.int64))
+
+
+def test_torch_exact_matches_faiss_flat_and_slabs_agree():
+    from trtrag_cli.exact import TorchExact
+
+    rng = np.random.default_rng(6)
+    x = _unit(rng, 3000, 48)
+    ids = rng.permutation(10_000)[:3000].astype(np.int64)
+    q = _unit(rng, 40, 48)
+    vi = VectorIndex(IndexConfig(kind="flat", device="cpu"), 48)
+    vi.build(x, ids)
+    want_s, want_i = vi.search(q, 100)
+    whole = TorchExact(x, ids, ["cpu"], select="topk")
+    # 64 KiB of scores: slabs of 256 rows for 40 queries, then a merge.
+    slabs = TorchExact(x, ids, ["cpu"], budget_mb=1 / 16)
+    grouped = TorchExact(x, ids, ["cpu"], select="grouped")  # 3000 = 11 groups of 256 + a ragged tail
+    for engine in (whole, slabs, grouped):
+        got_s, got_i = engine.search(q, 100)
+        np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
+        # Ids may differ only where two neighbours' scores tie to float32 rounding.
+        for gs, gi, ws, wi in zip(got_s, got_i, want_s, want_i):
+            differ = gi != wi
+            assert set(gi[ws > ws[-1] + 1e-5].tolist()) <= set(wi.tolist())
+            assert np.all(np.abs(gs[differ] - ws[differ]) < 1e-5)
+    # Fewer vectors than k: padded with -1 ids, like faiss.
+    small = TorchExact(x[:5], ids[:5], ["cpu"])
+    s, i = small.search(q[:2], 8)
+    assert (i[:, 5:] == -1).all() and set(i[0, :5].tolist()) == set(ids[:5].tolist())
+    with pytest.raises(TrtragError, match="selection"):
+        TorchExact(x, ids, ["cpu"], select="fast")
+
+
+def test_grouped_selection_is_exact_on_long_rows():
+    from trtrag_cli.exact import TorchExact
+
+    rng = np.random.default_rng(8)
+    x, q = _unit(rng, 70_000, 16), _unit(rng, 16, 16)
+    ids = np.arange(70_000, dtype=np.int64)
+    plain = TorchExact(x, ids, ["cpu"], select="topk").search(q, 10)
+    grouped = TorchExact(x, ids, ["cpu"], select="grouped").search(q, 10)
+    np.testing.assert_array_equal(grouped[1], plain[1])
+    np.testing.assert_array_equal(grouped[0], plain[0])
+
+
+def test_torch_exact_shards_merge_like_one_device():
+    from trtrag_cli.exact import TorchExact
+
+    rng = np.random.default_rng(7)
+    x, q = _unit(rng, 1000, 16), _unit(rng, 8, 16)
+    ids = np.arange(1000, dtype=np.int64)
+    one = TorchExact(x, ids, ["cpu"]).search(q, 20)
+    three = TorchExact(x, ids, ["cpu", "cpu", "cpu"]).search(q, 20)
+    np.testing.assert_array_equal(one[1], three[1])
 
 
 def test_hnsw_refuses_in_place_delete():

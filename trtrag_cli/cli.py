@@ -168,11 +168,22 @@ def build_engine(int8: bool = typer.Option(False, "--int8", help="INT8 from the 
                  fp16: bool = typer.Option(False, "--fp16", help="FP16 (GPU)."),
                  fp32: bool = typer.Option(False, "--fp32", help="FP32."),
                  backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, onnxruntime or torch."),
+                 generator: bool = typer.Option(False, "--generator", help="Prepare the recipe's answer "
+                                                "generator instead (warm-up, node check, trtllm-serve command)."),
                  recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
                  as_json: bool = JsonOpt) -> None:
     """Build the encoder engine a backend runs (TensorRT plan, optimised ORT model, torch CUDA graphs)."""
     from .engine import run_build_engine
 
+    if generator:
+        from .generators.build import build_generator
+
+        report = build_generator(_recipe(recipe, set_))
+        if as_json:
+            _emit_json(report)
+        else:
+            _console().print(json.dumps(report, indent=2), markup=False)
+        return
     chosen = [name for name, on in (("int8", int8), ("fp16", fp16), ("fp32", fp32)) if on]
     if len(chosen) > 1:
         raise TrtragError("choose one precision", "pass one of --int8, --fp16, --fp32")
@@ -201,6 +212,7 @@ def build_engine(int8: bool = typer.Option(False, "--int8", help="INT8 from the 
 def ask(question: str = typer.Argument(..., help="The question."),
         top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Passages to return."),
         mode: Optional[str] = typer.Option(None, help="Rerank mode: hybrid, rrf, bm25 or dense."),
+        stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
         recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
         as_json: bool = JsonOpt) -> None:
     """Answer a question from the index, with numbered citations."""
@@ -208,19 +220,29 @@ def ask(question: str = typer.Argument(..., help="The question."),
 
     check_question(question)
     cfg = _recipe(recipe, set_)
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
     with Pipeline(cfg) as pipe:
-        result = pipe.ask(question, top_k=top_k, mode=mode)
+        result = pipe.ask(question, top_k=top_k, mode=mode, on_piece=show if stream and not as_json else None)
     if as_json:
         _emit_json(result)
         return
     console = _console()
     _print_warnings(console, result["warnings"])
-    sys.stdout.write(result["answer"] + "\n\n")
+    sys.stdout.write(("" if stream and result["generation"] else result["answer"]) + "\n\n")
     for cite in result["citations"]:
         sys.stdout.write(f"[{cite['n']}] {cite['source']} ({cite['chunk']})\n")
     t = result["timings_ms"]
     console.print(f"encode {t['encode']:.1f} ms, search {t['search']:.1f} ms, rerank {t['rerank']:.1f} ms, "
                   f"answer {t['answer']:.1f} ms", style="dim")
+    g = result["generation"]
+    if g:
+        speed = f", {g['tokens_per_s']} tok/s" if g["tokens_per_s"] else ""
+        console.print(f"{g['generator']}: {g['prompt_tokens']} prompt + {g['output_tokens']} answer tokens, "
+                      f"first token {g['ttft_ms']} ms{speed}", style="dim", markup=False)
 
 
 @app.command("eval")
@@ -266,6 +288,140 @@ def eval_(queries: Path = typer.Option(..., "--queries", "-q", help="JSONL: {que
 
 @app.command()
 @command
+def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+          port: int = typer.Option(8000, "--port", help="Port (0: any free one, printed)."),
+          generate_only: bool = typer.Option(False, "--generate-only", help="Serve the generator as an "
+                                             "OpenAI-compatible node, without an index."),
+          recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt) -> None:
+    """Serve /ask and an OpenAI-compatible /v1/chat/completions over HTTP until interrupted."""
+    from .generators import model_context, open_backend
+    from .generators.base import SamplingParams
+    from .server import Service, make_server
+
+    cfg = _recipe(recipe, set_)
+    pipeline = None
+    if not generate_only:
+        from .pipeline import Pipeline
+
+        pipeline = Pipeline(cfg)
+    backend = None
+    if cfg.answer.generator != "extractive":
+        backend = getattr(getattr(pipeline, "generator", None), "backend", None) if pipeline else None
+        backend = backend or open_backend(cfg.answer)
+        model_context(backend, cfg.answer)
+    elif generate_only:
+        raise TrtragError("--generate-only needs a language-model generator",
+                          "set answer.generator: transformers (or tensorrt-llm) and answer.model")
+    service = Service(pipeline, backend, model_name=cfg.answer.served_model or Path(cfg.answer.model or "trtrag").name,
+                      defaults=SamplingParams.from_recipe(cfg.answer))
+    server = make_server(service, host, port)
+    bound = server.server_address
+    _console().print(f"serving on http://{bound[0]}:{bound[1]} (ask: {pipeline is not None}, "
+                     f"generate: {backend is not None}); Ctrl-C stops", markup=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        service.close()
+        if pipeline is not None:
+            pipeline.__exit__(None, None, None)
+
+
+@app.command()
+@command
+def bench(vectors: int = typer.Option(0, "--vectors", "-n", help="Synthetic clustered vectors to search (0: the "
+                                      "workspace's index)."),
+          dim: int = typer.Option(0, "--dim", "-d", help="Dimension of the synthetic vectors."),
+          batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, e.g. 1,32,1000 (default: that on "
+                                              "a GPU, 1,32,256 on the CPU)."),
+          k: int = typer.Option(100, "--k", help="Neighbours per query (the candidates that go to the rerank)."),
+          kinds: str = typer.Option("ivf,ivfpq", "--kinds", help="Approximate indexes to measure against exact "
+                                    "search (ivf, ivfpq, hnsw; empty for none)."),
+          queries: Optional[Path] = typer.Option(None, "--queries", "-q", help="Question texts for the retrieval "
+                                                 "stage (default: calibrate.queries)."),
+          stage: bool = typer.Option(True, "--stage/--no-stage", help="Time encode + search + rerank at batch 1 "
+                                     "and under concurrent callers."),
+          clients: int = typer.Option(16, "--clients", help="Concurrent callers for the batched measurement."),
+          reps: int = typer.Option(0, "--reps", help="Timed calls per measurement (0: 200 at batch 1, fewer for "
+                                   "larger batches, a quarter of that on the CPU; the stage: 1000 on a GPU, 200 on "
+                                   "the CPU)."),
+          plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the percentiles (matplotlib)."),
+          from_json: Optional[Path] = typer.Option(None, "--from-json", help="Plot or print a saved report instead "
+                                                   "of measuring."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON report to this file."),
+          recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
+          as_json: bool = JsonOpt) -> None:
+    """Measure retrieval: search per engine and batch, the batch-1 stage, recall@10, GPU memory."""
+    from .bench import plot as draw, run_bench
+    from .artifacts import write_json
+
+    if from_json is not None:
+        try:
+            report = json.loads(Path(from_json).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise TrtragError(f"cannot read bench report {from_json}: {exc}", "pass a file written by --out") from None
+    else:
+        cfg = _recipe(recipe, set_)
+        from .index import gpu_count, torch_gpu_count
+
+        on_gpu = bool(gpu_count() or torch_gpu_count())
+        try:
+            sizes = tuple(int(b) for b in (batch or ("1,32,1000" if on_gpu else "1,32,256")).split(",") if b.strip())
+        except ValueError:
+            raise TrtragError(f"--batch must be comma-separated integers, got {batch!r}", "e.g. --batch 1,32,1000") \
+                from None
+        kind_list = tuple(x.strip() for x in kinds.split(",") if x.strip())
+        unknown = [x for x in kind_list if x not in ("ivf", "ivfpq", "hnsw", "flat")]
+        if unknown:
+            raise TrtragError(f"unknown index kind(s) {', '.join(unknown)}", "use ivf, ivfpq or hnsw")
+        console = _console()
+        report = run_bench(cfg, vectors, dim, sizes, k, tuple(x for x in kind_list if x != "flat"), stage=stage,
+                           clients=clients, queries_path=queries, reps=reps,
+                           log=(lambda m: None) if as_json else (lambda m: console.print(m, markup=False, style="dim")))
+    if out is not None:
+        write_json(out, report)
+    if plot is not None:
+        draw(report, plot)
+    if as_json:
+        _emit_json(report)
+        return
+    _print_bench(report)
+
+
+def _print_bench(report: dict) -> None:
+    from rich.table import Table
+
+    console = _console()
+    if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
+        console.width = 150
+    data, where = report.get("data", {}), report.get("machine", {})
+    table = Table(title=f"search: {data.get('vectors')} x {data.get('dim')} ({data.get('kind')}) on "
+                        f"{where.get('cuda_device') or where.get('cpu')}")
+    for col in ("engine", "batch", "P50 ms", "P90 ms", "P99 ms", "q/s", "R@10", "reranked", "GPU MiB"):
+        table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
+    for r in report.get("search", []):
+        table.add_row(r["engine"], str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                      f"{r['qps']:.0f}", f"{r['recall@10']:.3f}", f"{r['recall@10_reranked']:.3f}",
+                      str(r.get("gpu_memory_mib", "-")))
+    console.print(table)
+    stage = report.get("stage")
+    if stage:
+        t = Table(title=f"retrieval stage, batch 1: {stage['encoder']} + {stage['search_engine']} "
+                        f"(top {stage['top_n']} -> {stage['top_k']})")
+        for col in ("stage", "P50 ms", "P90 ms", "P99 ms"):
+            t.add_column(col, justify="left" if col == "stage" else "right")
+        for name, v in stage["batch1"].items():
+            t.add_row(name, f"{v['p50_ms']:.3f}", f"{v['p90_ms']:.3f}", f"{v['p99_ms']:.3f}")
+        console.print(t)
+        c = stage["concurrent"]
+        console.print(f"{c['clients']} concurrent callers: {c['qps']:.0f} q/s, P50 {c['latency']['p50_ms']:.2f} ms, "
+                      f"P99 {c['latency']['p99_ms']:.2f} ms, mean batch {c['mean_batch']}")
+
+
+@app.command()
+@command
 def doctor(recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
            as_json: bool = JsonOpt) -> None:
     """Versions, GPU, and the backend each stage of the recipe resolves to, and why."""
@@ -293,6 +449,8 @@ def doctor(recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOp
     for name, st in report["stages"].items():
         stages.add_row(name, st["backend"], "yes" if st["ok"] else "MISSING", st["why"])
     console.print(stages)
+    for line in report.get("advice", []):
+        console.print(f"advice: {line}", markup=False, style="yellow")
 
 
 def main() -> None:

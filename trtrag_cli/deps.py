@@ -21,9 +21,17 @@ KNOWN = {
     "torch": ("torch", "cpu"),
     "transformers": ("transformers", "cpu"),
     "sentence_transformers": ("sentence-transformers", "dev"),
+    "openai": ("openai", "serve"),
     "tensorrt": ("tensorrt", "tensorrt"),
-    "tensorrt_llm": ("tensorrt-llm", "tensorrt-llm"),
+    "tensorrt_llm": ("tensorrt-llm", None),  # pins its own torch: its own environment, see HINTS
     "modelopt": ("nvidia-modelopt", "tensorrt"),
+}
+
+
+# Where `pip install <extra>` is the wrong advice.
+HINTS = {
+    "tensorrt_llm": ("install tensorrt-llm in an environment of its own (its wheels pin torch and transformers) "
+                     "and run trtrag there, or serve the model with trtllm-serve and use answer.generator: openai"),
 }
 
 
@@ -34,8 +42,8 @@ def require(name: str, purpose: str = "") -> ModuleType:
     except ImportError as exc:
         dist, extra = KNOWN.get(name, (name, None))
         why = f" for {purpose}" if purpose else ""
-        fix = f"pip install 'trtrag[{extra}]'" if extra else f"pip install {dist}"
-        raise MissingDependency(f"{dist} is not installed{why}: {exc}", f"run: {fix}") from exc
+        fix = f"run: pip install 'trtrag[{extra}]'" if extra else f"run: pip install {dist}"
+        raise MissingDependency(f"{dist} is not installed{why}: {exc}", HINTS.get(name, fix)) from exc
 
 
 def version(dist: str) -> str | None:

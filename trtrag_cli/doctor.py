@@ -52,17 +52,88 @@ def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
     if engine:
         why += f"; {engine['status']}"
         encoder_ok = encoder_ok and engine["ok"]
-    faiss_gpu = bool(gpu_list) and version("faiss-gpu") is not None
     return {
         "encoder": {"backend": enc_choice, "ok": encoder_ok, "why": why, "model": recipe.encoder.model,
                     "precision": recipe.encoder.precision, "engine": engine},
-        "vector_index": {"backend": "faiss-gpu" if faiss_gpu else "faiss-cpu", "ok": available("faiss"),
-                         "kind": recipe.index.kind,
-                         "why": "GPU and faiss-gpu present" if faiss_gpu else "no GPU with faiss-gpu: CPU faiss"},
+        "vector_index": vector_index_stage(recipe, gpu_list),
         "lexical": {"backend": "bm25s", "ok": available("bm25s"), "why": "the only BM25 backend"},
         "rerank": {"backend": recipe.retrieve.mode, "ok": True, "why": "retrieve.mode in the recipe"},
         "generator": {"backend": recipe.answer.generator, "ok": True, "why": "answer.generator in the recipe"},
     }
+
+
+def vector_index_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
+    """Where searches will run for the recipe's index on this machine, and why (index.py decides the same)."""
+    from .index import gpu_count, torch_gpu_count
+
+    cfg = recipe.index
+    faiss_gpus = gpu_count() if available("faiss") else 0
+    torch_gpus = torch_gpu_count() if gpu_list else 0
+    base = {"kind": cfg.kind, "device": cfg.device, "faiss_gpus": faiss_gpus, "torch_gpus": torch_gpus,
+            "ok": available("faiss")}
+    if cfg.device == "cpu":
+        return base | {"backend": "faiss-cpu", "why": "index.device: cpu"}
+    if cfg.kind == "hnsw":
+        return base | {"backend": "faiss-cpu", "why": "faiss has no GPU HNSW: use flat, ivf or ivfpq for the GPU"}
+    if cfg.kind == "flat" and (faiss_gpus or torch_gpus):
+        engines = [name for name, n in (("torch", torch_gpus), ("faiss-gpu", faiss_gpus)) if n]
+        if cfg.exact != "auto":
+            engines = [e for e in engines if e.startswith(cfg.exact)]
+        how = "measured at load, the faster one serves" if len(engines) > 1 else "the one present"
+        return base | {"backend": "gpu exact: " + " or ".join(engines) if engines else "none",
+                       "ok": bool(engines) and base["ok"], "why": f"flat on a GPU: {how}"}
+    if faiss_gpus:
+        return base | {"backend": "faiss-gpu", "why": f"{faiss_gpus} GPU(s) with faiss-gpu"}
+    why = "no GPU" if not gpu_list else "a GPU but no faiss-gpu (pip install faiss-gpu for ivf/ivfpq there)"
+    ok = base["ok"] and cfg.device != "gpu"
+    if not ok:
+        why += "; index.device: gpu cannot be met"
+    return base | {"backend": "faiss-cpu", "ok": ok, "why": why}
+
+
+def hardware_advice(recipe: Recipe, gpu_list: list[dict], index_vectors: int | None = None) -> list[str]:
+    """The design's sizing rules as warnings where they apply: GPU memory about twice what the models and
+    the index need, and tensor parallelism for generators past 32B parameters."""
+    from .encoders.models import model_info
+    from .errors import TrtragError
+
+    if not gpu_list:
+        return []
+    out = []
+    try:
+        info = model_info(recipe.encoder.model)
+        weights = info.weights.stat().st_size if info.weights.is_file() else 0
+        dim = info.dim
+    except TrtragError:
+        weights, dim = 0, 0
+    bytes_per = 2 if recipe.index.fp16 else 4
+    need = weights + (index_vectors or 0) * dim * bytes_per
+    smallest = min(g["memory_mib"] for g in gpu_list) * 2**20
+    if need and smallest < 2 * need:
+        out.append(f"GPU memory {smallest / 2**30:.1f} GiB is under twice what the encoder and index need "
+                   f"({need / 2**30:.1f} GiB): the design advises about 2x; use ivfpq, fp16 or more GPUs")
+    params = generator_params(recipe)
+    if params and params > 32e9 and len(gpu_list) < 2:
+        out.append(f"the generator has about {params / 1e9:.0f}B parameters: past 32B the design advises tensor "
+                   "parallelism over several GPUs")
+    return out
+
+
+def generator_params(recipe: Recipe) -> float | None:
+    """Approximate parameter count of the recipe's generator from its config.json, when it names a model."""
+    import json
+    from pathlib import Path
+
+    model = getattr(recipe.answer, "model", None)
+    config = Path(model) / "config.json" if model else None
+    if config is None or not config.is_file():
+        return None
+    c = json.loads(config.read_text(encoding="utf-8"))
+    h, layers = c.get("hidden_size", 0), c.get("num_hidden_layers", 0)
+    heads = c.get("num_attention_heads", 1)
+    kv = c.get("num_key_value_heads", heads) * (h // max(1, heads))
+    ffn = c.get("intermediate_size", 4 * h)
+    return float(layers * (2 * h * h + 2 * h * kv + 3 * h * ffn) + 2 * c.get("vocab_size", 0) * h)
 
 
 def _engine_status(recipe: Recipe, backend: str) -> dict | None:
@@ -94,4 +165,16 @@ def run_doctor(recipe: Recipe) -> dict:
         "recipe": recipe.source,
         "workspace": str(recipe.workspace_dir()),
         "stages": resolve_stages(recipe, gpu_list),
+        "advice": hardware_advice(recipe, gpu_list, _indexed_vectors(recipe)),
     }
+
+
+def _indexed_vectors(recipe: Recipe) -> int | None:
+    """How many vectors the workspace's current index holds (None when there is none)."""
+    from .artifacts import Workspace, read_json
+
+    gen = Workspace(recipe.workspace_dir()).current_index()
+    if gen is None or not (gen / "manifest.json").is_file():
+        return None
+    counts = read_json(gen / "manifest.json").get("counts", {})
+    return counts.get("chunks_total")

@@ -1,12 +1,22 @@
 """Vector index over faiss: inner product on L2-normalised vectors (cosine), with stable int64 ids.
 
-`flat` is exact; `ivf` and `hnsw` take their parameters from the recipe. Ids are kept through an
-IndexIDMap2 so chunks can be deleted in place (flat, ivf); HNSW cannot delete, so it is rebuilt from
-the kept vectors instead.
+Kinds: `flat` (exact), `ivf` (IVF-Flat), `ivfpq` (IVF with product quantization) and `hnsw`; their
+parameters come from the recipe. The index is always saved in faiss's CPU form, so any machine can load
+it; where a GPU is present (index.device auto or gpu) it is moved there on load:
+
+  - ivf / ivfpq: faiss-gpu clones (ivfpq with fp16 lookup tables), trained and filled on the GPU too;
+  - flat: faiss-gpu's GpuIndexFlatIP or PyTorch exact search (exact.py), whichever measured faster
+    here at load time (index.exact: auto), or the one the recipe names;
+  - hnsw: faiss has no GPU HNSW: it stays on the CPU, and `placement` says so.
+
+Ids: flat and hnsw sit in an IndexIDMap2 (they cannot store ids); IVF kinds store ids natively. An
+IDMap around an IVF returns wrong ids once anything is deleted (the IVF keeps its old positions while
+the map is compacted), so indexes of that form written by older versions are never updated in place.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,70 +26,277 @@ from .errors import TrtragError
 from .recipe import IndexConfig
 
 
-SMALL_BATCH = 16  # below this many queries a search runs on one thread
+SMALL_BATCH = 16  # below this many queries a CPU search runs on one thread
+IVF_KINDS = ("ivf", "ivfpq")
+BUILD_FIELDS = ("kind", "nlist", "pq_m", "pq_bits", "hnsw_m", "ef_construction")  # the rest apply at search time
 
 
 def _faiss():
     return require("faiss", "the vector index")
 
 
+def gpu_count() -> int:
+    """GPUs faiss can use (0 without faiss-gpu)."""
+    try:
+        faiss = _faiss()
+        return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    except TrtragError:
+        return 0
+
+
+def torch_gpu_count() -> int:
+    """CUDA devices PyTorch sees (0 without torch or a GPU)."""
+    from . import deps
+
+    if not deps.available("torch"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pq_subquantizers(cfg: IndexConfig, dim: int) -> int:
+    """index.pq_m, or dim / 8 by default (768 -> 96, 384 -> 48); must divide dim."""
+    m = cfg.pq_m or max(1, dim // 8)
+    if dim % m:
+        raise TrtragError(f"index.pq_m={m} does not divide the vector dimension {dim}",
+                          f"pick a divisor of {dim}, e.g. {max(1, dim // 8)}")
+    return m
+
+
 class VectorIndex:
-    """A faiss index with ids; `search` returns (scores, ids) with -1 ids for empty slots."""
+    """A faiss index with ids; `search` returns (scores, ids) with -1 ids for empty slots.
+
+    `placement` says where searches run and with what (e.g. "gpu: faiss-gpu IVF4096,PQ96 fp16 LUT").
+    """
 
     def __init__(self, cfg: IndexConfig, dim: int, index=None):
         self.cfg = cfg
         self.dim = dim
         self._index = index
+        self._gpu = None          # a faiss GPU index or a TorchExact, searched instead of _index
+        self._gpu_ids = None      # flat on faiss-gpu: position -> id (GpuIndexFlat stores no ids)
+        self._resources = None
+        self.placement = "cpu: faiss"
+        self.choice: dict = {}
 
     @property
     def ntotal(self) -> int:
         return 0 if self._index is None else int(self._index.ntotal)
+
+    def _factory(self) -> str:
+        if self.cfg.kind == "ivf":
+            return "IVF{nlist},Flat"
+        return f"IVF{{nlist}},PQ{pq_subquantizers(self.cfg, self.dim)}x{self.cfg.pq_bits}"
 
     def _make(self, n_train: int):
         faiss = _faiss()
         metric = faiss.METRIC_INNER_PRODUCT
         if self.cfg.kind == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        if self.cfg.kind == "ivf":
+        if self.cfg.kind in IVF_KINDS:
             # faiss wants ~39 training points per list; shrink nlist on small corpora rather than fail.
             nlist = max(1, min(self.cfg.nlist, n_train // 39))
-            quantizer = faiss.IndexFlatIP(self.dim)
-            return faiss.IndexIDMap2(faiss.IndexIVFFlat(quantizer, self.dim, nlist, metric))
+            return faiss.index_factory(self.dim, self._factory().format(nlist=nlist), metric)
         hnsw = faiss.IndexHNSWFlat(self.dim, self.cfg.hnsw_m, metric)
         hnsw.hnsw.efConstruction = self.cfg.ef_construction
         return faiss.IndexIDMap2(hnsw)
 
+    def _inner(self):
+        faiss = _faiss()
+        index = faiss.downcast_index(self._index)
+        return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
     def _tune(self) -> None:
         faiss = _faiss()
-        inner = faiss.downcast_index(self._index.index)
+        inner = self._inner()
         if isinstance(inner, faiss.IndexIVF):
             inner.nprobe = min(self.cfg.nprobe, inner.nlist)
         elif isinstance(inner, faiss.IndexHNSW):
             inner.hnsw.efSearch = max(self.cfg.ef_search, 1)
 
+    def _wants_gpu(self) -> bool:
+        if self.cfg.device == "cpu":
+            return False
+        present = gpu_count() > 0 or (self.kind() == "flat" and torch_gpu_count() > 0)
+        if self.cfg.device == "gpu" and not present:
+            raise TrtragError("index.device is gpu but no GPU is usable (faiss-gpu or, for flat, torch with CUDA)",
+                              "install faiss-gpu on a CUDA machine, or set index.device: auto")
+        return present and self.kind() != "hnsw"
+
+    # ------------------------------------------------------------------------------------ build
+
     def build(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Create the index from scratch (training it where the kind needs training)."""
+        """Create the index from scratch (training it where the kind needs training), on a GPU if wanted."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self._index = self._make(len(vectors))
-        if len(vectors) and not self._index.is_trained:
-            self._index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        if self.cfg.kind in IVF_KINDS and len(vectors) and self._wants_gpu() and gpu_count() > 0:
+            self._build_ivf_on_gpu(vectors, ids)
+        else:
+            if len(vectors) and not self._index.is_trained:
+                self._index.train(vectors)
+            self._tune()
+            self.add(vectors, ids)
+
+    def _build_ivf_on_gpu(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Train and fill on GPU 0 (k-means and list assignment are the slow parts), keep the CPU form."""
+        faiss = _faiss()
+        res = self._gpu_resources()
+        gpu = faiss.index_cpu_to_gpu(res[0], 0, self._index, self._cloner_options())
+        gpu.train(vectors)
+        gpu.add_with_ids(vectors, ids.astype(np.int64))
+        self._index = faiss.index_gpu_to_cpu(gpu)
         self._tune()
-        self.add(vectors, ids)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Add vectors under the given int64 ids."""
+        """Add vectors under the given int64 ids (to the CPU form; call to_device() to refresh the GPU copy)."""
         if len(vectors):
             self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+            self._drop_device()
+
+    def kind(self) -> str:
+        """The kind of the index actually held (a loaded file may predate the recipe)."""
+        if self._index is None:
+            return self.cfg.kind
+        faiss = _faiss()
+        inner = self._inner()
+        if isinstance(inner, faiss.IndexIVFPQ):
+            return "ivfpq"
+        if isinstance(inner, faiss.IndexIVF):
+            return "ivf"
+        return "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat"
 
     def supports_remove(self) -> bool:
-        """HNSW graphs cannot drop nodes; flat and IVF can."""
-        return self.cfg.kind != "hnsw"
+        """Flat and IVF can delete in place; HNSW cannot, nor can an IVF inside an IDMap (older versions)."""
+        if self.kind() == "hnsw":
+            return False
+        if self._index is None:
+            return True
+        faiss = _faiss()
+        return not (isinstance(faiss.downcast_index(self._index), faiss.IndexIDMap) and self.kind() in IVF_KINDS)
 
     def remove(self, ids: np.ndarray) -> int:
         """Delete ids in place; returns how many were removed."""
         if not self.supports_remove():
-            raise TrtragError("an hnsw index cannot delete vectors in place", "rebuild it (trtrag index does so)")
+            raise TrtragError(f"this {self.kind()} index cannot delete vectors in place",
+                              "rebuild it (trtrag index does so)")
         faiss = _faiss()
-        return int(self._index.remove_ids(faiss.IDSelectorBatch(ids.astype(np.int64))))
+        removed = int(self._index.remove_ids(faiss.IDSelectorBatch(ids.astype(np.int64))))
+        self._drop_device()
+        return removed
+
+    # ------------------------------------------------------------------------------------ devices
+
+    def _gpu_resources(self) -> list:
+        faiss = _faiss()
+        if self._resources is None:
+            self._resources = [faiss.StandardGpuResources() for _ in range(self._n_gpus(gpu_count()))]
+        return self._resources
+
+    def _n_gpus(self, available: int) -> int:
+        return available if self.cfg.gpus <= 0 else min(self.cfg.gpus, available)
+
+    def _cloner_options(self, multiple: bool = False):
+        faiss = _faiss()
+        co = faiss.GpuMultipleClonerOptions() if multiple else faiss.GpuClonerOptions()
+        co.useFloat16 = bool(self.cfg.fp16)  # flat: fp16 storage; ivfpq: fp16 lookup tables (needed past 48 x 8 bits)
+        co.indicesOptions = faiss.INDICES_64_BIT
+        if multiple:
+            co.shard = self.cfg.multi_gpu == "shard"
+        return co
+
+    def _drop_device(self) -> None:
+        self._gpu = self._gpu_ids = None
+        self.placement = "cpu: faiss"
+
+    def to_device(self) -> str:
+        """Move the search copy to the GPU(s) where the recipe allows it; returns the placement."""
+        self._drop_device()
+        if self._index is None or not self.ntotal or not self._wants_gpu():
+            if self.kind() == "hnsw" and self.cfg.device != "cpu":
+                self.placement = "cpu: faiss HNSW (faiss has no GPU HNSW)"
+            return self.placement
+        kind = self.kind()
+        if kind == "flat":
+            self._flat_to_device()
+        else:
+            faiss = _faiss()
+            res = self._gpu_resources()
+            if len(res) == 1:
+                self._gpu = faiss.index_cpu_to_gpu(res[0], 0, self._index, self._cloner_options())
+            else:
+                vres, vdev = faiss.GpuResourcesVector(), faiss.Int32Vector()
+                for i, r in enumerate(res):
+                    vres.push_back(r)
+                    vdev.push_back(i)
+                self._gpu = faiss.index_cpu_to_gpu_multiple(vres, vdev, self._index, self._cloner_options(True))
+            nprobe = min(self.cfg.nprobe, self._inner().nlist)
+            faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", nprobe)
+            spread = f" ({self.cfg.multi_gpu}ed over {len(res)} GPUs)" if len(res) > 1 else ""
+            lut = " fp16 LUT" if kind == "ivfpq" and self.cfg.fp16 else ""
+            self.placement = f"gpu: faiss-gpu {kind}{lut} nprobe={self.cfg.nprobe}{spread}"
+        return self.placement
+
+    def _flat_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        faiss = _faiss()
+        outer = faiss.downcast_index(self._index)
+        flat = faiss.downcast_index(outer.index)
+        return flat.reconstruct_n(0, flat.ntotal), faiss.vector_to_array(outer.id_map).astype(np.int64)
+
+    def _flat_to_device(self) -> None:
+        """GPU exact search: faiss-gpu or torch, by the recipe or by measuring both here."""
+        vectors, ids = self._flat_vectors()
+        options = {}
+        if self.cfg.exact in ("auto", "torch") and torch_gpu_count() > 0:
+            options["torch"] = self._torch_exact(vectors, ids)
+        if self.cfg.exact in ("auto", "faiss") and gpu_count() > 0:
+            options["faiss"] = self._faiss_flat(vectors)
+        if not options:
+            raise TrtragError(f"index.exact is {self.cfg.exact} but that engine has no GPU here",
+                              "set index.exact: auto, or install faiss-gpu / torch with CUDA")
+        if len(options) > 1:
+            timings = {name: _time_search(engine, self.dim) for name, engine in options.items()}
+            best = min(timings, key=lambda n: timings[n]["batch1_ms"] + timings[n]["batch64_ms"] / 8)
+            self.choice = {"measured_ms": timings, "chosen": best}
+        else:
+            best = next(iter(options))
+            self.choice = {"chosen": best, "why": f"index.exact: {self.cfg.exact}" if self.cfg.exact != "auto"
+                           else "the only GPU exact engine present"}
+        for name in options:
+            if name != best:
+                options[name] = None  # free the loser's GPU memory now
+        if best == "torch":
+            self._gpu = options["torch"]
+            self.placement = f"gpu: {self._gpu.name}"
+        else:
+            self._gpu, self._gpu_ids = options["faiss"], ids
+            n = len(self._gpu_resources())
+            self.placement = f"gpu: faiss-gpu flat {'fp16' if self.cfg.fp16 else 'fp32'}" + \
+                (f" ({self.cfg.multi_gpu}ed over {n} GPUs)" if n > 1 else "")
+
+    def _torch_exact(self, vectors: np.ndarray, ids: np.ndarray):
+        from .exact import TorchExact
+
+        n = self._n_gpus(torch_gpu_count())
+        devices = [f"cuda:{i}" for i in range(n)]
+        if self.cfg.multi_gpu == "replicate" and n > 1:
+            devices = devices[:1]  # torch search shards; replication serves throughput, not one query
+        return TorchExact(vectors, ids, devices, fp16=self.cfg.fp16)
+
+    def _faiss_flat(self, vectors: np.ndarray):
+        faiss = _faiss()
+        flat = faiss.IndexFlatIP(self.dim)
+        flat.add(vectors)
+        res = self._gpu_resources()
+        if len(res) == 1:
+            return faiss.index_cpu_to_gpu(res[0], 0, flat, self._cloner_options())
+        vres, vdev = faiss.GpuResourcesVector(), faiss.Int32Vector()
+        for i, r in enumerate(res):
+            vres.push_back(r)
+            vdev.push_back(i)
+        return faiss.index_cpu_to_gpu_multiple(vres, vdev, flat, self._cloner_options(True))
+
+    # ------------------------------------------------------------------------------------ search
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k inner products for each query row."""
@@ -90,6 +307,11 @@ class VectorIndex:
             raise TrtragError(f"query vectors have dimension {q.shape[1]}, the index has {self.dim}",
                               "re-index with the encoder that encodes the queries")
         k = max(1, min(k, self.ntotal))
+        if self._gpu is not None:
+            scores, found = self._gpu.search(q, k)
+            if self._gpu_ids is not None:
+                found = np.where(found >= 0, self._gpu_ids[np.clip(found, 0, None)], -1)
+            return scores, found
         if len(q) >= SMALL_BATCH:
             return self._index.search(q, k)
         # A few queries cannot use all cores well; OpenMP spin-waits then cost far more than the scan
@@ -102,13 +324,19 @@ class VectorIndex:
         finally:
             faiss.omp_set_num_threads(before)
 
+    def device_memory_bytes(self) -> int | None:
+        """Bytes the GPU copy holds where known (torch exact), else None."""
+        return self._gpu.memory_bytes() if hasattr(self._gpu, "memory_bytes") else None
+
+    # ------------------------------------------------------------------------------------ files
+
     def save(self, path: Path) -> None:
         """Serialise to a file (CPU form, so any machine can load it)."""
         _faiss().write_index(self._index, str(path))
 
     @classmethod
-    def load(cls, path: Path, cfg: IndexConfig, dim: int) -> "VectorIndex":
-        """Load a saved index and apply the recipe's search parameters."""
+    def load(cls, path: Path, cfg: IndexConfig, dim: int, device: bool = True) -> "VectorIndex":
+        """Load a saved index, apply the recipe's search parameters and (device=True) move it to the GPU."""
         faiss = _faiss()
         try:
             index = faiss.read_index(str(path))
@@ -120,4 +348,23 @@ class VectorIndex:
                               "re-run trtrag index to rebuild it")
         out = cls(cfg, dim, index)
         out._tune()
+        if device:
+            out.to_device()
         return out
+
+
+def _time_search(engine, dim: int, reps: int = 20) -> dict:
+    """Median ms of an engine's search at batch 1 and 64 (k 100) on random unit queries."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for batch in (1, 64):
+        q = rng.standard_normal((batch, dim)).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        engine.search(q, 100)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            engine.search(q, 100)
+            times.append(time.perf_counter() - t)
+        out[f"batch{batch}_ms"] = round(float(np.median(times)) * 1e3, 4)
+    return out

@@ -211,11 +211,16 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
 
 def _update_vectors(recipe: Recipe, dim: int, prev_gen, prev_store, kept_rows, store, n_new: int):
     """Update the previous faiss index in place (delete + add) when possible, else build anew."""
-    from .index import VectorIndex
+    from .index import BUILD_FIELDS, VectorIndex
 
-    same_cfg = prev_gen is not None and load_manifest(prev_gen).get("index") == asdict(recipe.index)
+    def shape(cfg: dict) -> dict:  # the settings that change what is built; search-time ones do not
+        return {k: cfg.get(k) for k in BUILD_FIELDS}
+
+    same_cfg = prev_gen is not None and shape(load_manifest(prev_gen).get("index") or {}) == shape(asdict(recipe.index))
+    vindex = None
     if same_cfg and recipe.index.kind != "hnsw" and (prev_gen / "vectors.faiss").is_file():
-        vindex = VectorIndex.load(prev_gen / "vectors.faiss", recipe.index, dim)
+        vindex = VectorIndex.load(prev_gen / "vectors.faiss", recipe.index, dim, device=False)
+    if vindex is not None and vindex.supports_remove():
         kept = np.zeros(len(prev_store), dtype=bool)
         kept[kept_rows] = True
         if (~kept).any():

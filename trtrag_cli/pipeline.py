@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-import re
 import time
+from collections.abc import Callable
 
 from .errors import TrtragError
+from .generators.prompt import citations
 from .recipe import Recipe
 
-_CITATION = re.compile(r"\[(\d+)\]")
+
+def _generation_report(generator) -> dict | None:
+    """Token counts and speed of the last language-model answer (None for the extractive generator)."""
+    last, prompt = getattr(generator, "last", None), getattr(generator, "last_prompt", None)
+    if last is None:
+        return None
+    return {"generator": generator.name, "prompt_tokens": last.prompt_tokens, "output_tokens": last.output_tokens,
+            "ttft_ms": None if last.ttft_ms is None else round(last.ttft_ms, 2),
+            "total_ms": None if last.total_ms is None else round(last.total_ms, 2),
+            "tokens_per_s": None if last.tokens_per_s is None else round(last.tokens_per_s, 1),
+            "finish": last.finish, "passages_in_prompt": len(prompt.passages) if prompt else None,
+            "passages_dropped": prompt.dropped if prompt else 0, "passage_cut": prompt.cut if prompt else False}
 
 
 def check_question(question: str) -> str:
@@ -37,6 +49,9 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.retriever.close()
+        closer = getattr(self.generator, "close", None)
+        if closer:
+            closer()
 
     def passages(self, rows, scores, k: int) -> list[dict]:
         """The top-k chunk records as plain dicts, numbered from 1 for citations."""
@@ -47,8 +62,12 @@ class Pipeline:
                         "score": round(float(score), 6), "text": r.text})
         return out
 
-    def ask(self, question: str, top_k: int | None = None, mode: str | None = None) -> dict:
-        """Answer one question; the dict is what `ask --json` prints."""
+    def ask(self, question: str, top_k: int | None = None, mode: str | None = None,
+            on_piece: Callable[[str], None] | None = None) -> dict:
+        """Answer one question; the dict is what `ask --json` prints.
+
+        With on_piece, a generator that can stream hands each piece of the answer to it as it comes.
+        """
         question = check_question(question)
         warnings = []
         n_tokens = len(self._counter.encode(question).ids)  # special tokens included, as the encoder sees it
@@ -58,18 +77,31 @@ class Pipeline:
         ranking = self.retriever.rank(question, mode=mode)
         k = top_k or self.recipe.retrieve.top_k
         passages = self.passages(ranking.rows, ranking.scores, k)
+        given = passages[: self.recipe.answer.passages]
         t0 = time.perf_counter()
-        answer = self.generator.answer(question, passages[: self.recipe.answer.passages])
+        if on_piece is not None and hasattr(self.generator, "stream"):
+            pieces = []
+            for piece in self.generator.stream(question, given):
+                pieces.append(piece)
+                on_piece(piece)
+            answer = "".join(pieces).strip()
+        else:
+            answer = self.generator.answer(question, given)
         timings = dict(ranking.timings, answer=(time.perf_counter() - t0) * 1e3)
         timings["total"] = sum(timings.values())
-        cited = sorted({int(m) for m in _CITATION.findall(answer)})
+        generation = _generation_report(self.generator)
+        if getattr(self.generator, "warning", None):
+            warnings.append(self.generator.warning)
+        if generation and generation.get("passages_dropped"):
+            warnings.append(f"{generation['passages_dropped']} passage(s) did not fit the generator's context")
         return {
             "question": question,
             "answer": answer,
-            "citations": [{"n": n, "source": passages[n - 1]["source"], "file": passages[n - 1]["file"],
-                           "chunk": passages[n - 1]["id"]} for n in cited if 0 < n <= len(passages)],
+            "citations": citations(answer, passages),
+            "generation": generation,
             "passages": passages,
             "mode": mode or self.recipe.retrieve.mode,
+            "search_backend": self.retriever.vindex.placement,
             "timings_ms": {k: round(v, 3) for k, v in timings.items()},
             "warnings": warnings,
         }

@@ -1,0 +1,74 @@
+"""`trtrag bench` on the CPU: real faiss, the real encoder, a real PNG; the JSON is stable for scripts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from trtrag_cli.bench import SCHEMA, clustered, exact_truth, percentiles, recall_at
+
+
+def test_synthetic_bench_reports_every_engine_stage_and_recall(cli, make_recipe, tmp_path):
+    recipe = make_recipe()
+    png, saved = tmp_path / "bench.png", tmp_path / "bench.json"
+    report = cli.json("bench", "--vectors", "4000", "--dim", "384", "--batch", "1,16", "--kinds", "ivf,ivfpq",
+                      "--clients", "3", "--reps", "20", "--plot", png, "--out", saved, "--recipe", recipe,
+                      "--set", "index.nprobe=8")
+    assert report["schema"] == SCHEMA and report["data"]["vectors"] == 4000
+    engines = {r["engine"] for r in report["search"]}
+    assert {"cpu faiss flat", "cpu faiss ivf nprobe=8", "cpu faiss ivfpq nprobe=8"} <= engines
+    assert {(r["engine"], r["batch"]) for r in report["search"]} == {(e, b) for e in engines for b in (1, 16)}
+    for r in report["search"]:
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["qps"] > 0
+        assert 0.0 <= r["recall@10"] <= 1.0
+        # An exact re-score can only help, up to float ties between two fp32 dot-product orders.
+        assert r["recall@10_reranked"] >= r["recall@10"] - 2e-3
+        if r["kind"] == "flat":
+            assert r["recall@10"] == 1.0  # exact search is its own truth
+    ivf = next(r for r in report["search"] if r["kind"] == "ivf")
+    assert ivf["recall@10"] > 0.5 and ivf["nprobe"] == 8
+    stage = report["stage"]
+    assert set(stage["batch1"]) == {"encode", "search", "rerank", "total"}
+    assert stage["batch1"]["total"]["p50_ms"] >= stage["batch1"]["encode"]["p50_ms"]
+    assert stage["batch1"]["total"]["n"] == 20
+    assert stage["concurrent"]["queries"] >= 30 and stage["concurrent"]["qps"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(saved.read_text()) == report
+    # A saved report re-plots without measuring again.
+    again = tmp_path / "again.png"
+    assert cli.json("bench", "--from-json", saved, "--plot", again)["search"] == report["search"]
+    assert again.stat().st_size > 1000
+
+
+def test_bench_on_the_workspace_index_uses_its_vectors_and_the_recipe_queries(cli, make_recipe, corpus_copy):
+    recipe = make_recipe()
+    cli("index", corpus_copy, "--recipe", recipe)
+    report = cli.json("bench", "--batch", "1,4", "--kinds", "", "--clients", "2", "--reps", "10", "--recipe", recipe)
+    assert report["data"]["kind"] == "workspace index" and report["data"]["dim"] == 384
+    assert report["data"]["vectors"] > 50  # chunks of the 50 example documents
+    assert [r["engine"] for r in report["search"]] == ["cpu faiss flat"] * 2
+    assert report["stage"]["encoder"].startswith("onnxruntime-fp32/")
+
+
+def test_bench_refuses_a_dimension_the_encoder_cannot_make(cli, make_recipe):
+    out = cli("bench", "--vectors", "500", "--dim", "64", "--batch", "1", "--kinds", "", "--recipe", make_recipe(),
+              ok=False)
+    assert "makes 384-d vectors" in out.output and "--dim 384" in out.output
+
+
+def test_bench_rejects_bad_options(cli, make_recipe):
+    assert "comma-separated" in cli("bench", "--vectors", "100", "--dim", "8", "--batch", "1,x", ok=False).output
+    assert "unknown index kind" in cli("bench", "--vectors", "100", "--dim", "8", "--kinds", "annoy", ok=False).output
+    assert "needs --dim" in cli("bench", "--vectors", "100", "--no-stage", "--recipe", make_recipe(), ok=False).output
+
+
+def test_helpers_measure_what_they_say():
+    x, q = clustered(2000, 32, 50, seed=1)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+    truth = exact_truth(x, q, 10)
+    assert recall_at(truth, truth) == 1.0
+    assert recall_at(truth[:, ::-1], truth) == 1.0  # order inside the top 10 does not matter
+    assert recall_at(np.roll(truth, 1, axis=0), truth) < 0.5
+    p = percentiles([0.001] * 98 + [0.010, 0.020])
+    assert p["p50_ms"] == 1.0 and p["p99_ms"] > 9.0 and p["n"] == 100

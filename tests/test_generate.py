@@ -1,0 +1,260 @@
+"""Language-model generation on the CPU: a tiny randomly initialised Llama and a tokenizer built here.
+
+No hub: the tokenizer is trained on the example corpus with the `tokenizers` library and the model is a
+2-layer Llama with random weights, so answers are gibberish, but everything around them is real:
+prompts fitted in the model's tokens, greedy determinism, seeded sampling, stop sequences, streaming,
+citations, the OpenAI-compatible node served on loopback and reached with the official `openai` client,
+failover, a node that never answers, and the extractive fallback.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from trtrag_cli.errors import TrtragError
+from trtrag_cli.generators.base import LanguageModelGenerator, SamplingParams, StopFilter
+from trtrag_cli.generators.prompt import build_prompt, citations
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and a byte-level BPE tokenizer trained on examples/corpus."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    texts = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted((ROOT / "examples" / "corpus").rglob("*"))
+             if p.is_file()]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=512)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                         pad_token_id=fast.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def backend(tiny_lm):
+    from trtrag_cli.generators.hf import TransformersBackend
+
+    return TransformersBackend(str(tiny_lm), device="cpu")
+
+
+PASSAGES = [{"n": i, "id": f"d{i}#0", "source": f"doc{i}.md", "file": f"doc{i}.md", "title": "",
+             "text": f"Passage {i}: the TH-50 sensor is replaced within {i + 2} working days under warranty. " * 6}
+            for i in range(1, 6)]
+
+
+def _gen(backend, context=512, **params):
+    return LanguageModelGenerator(backend, SamplingParams(**{"max_new_tokens": 24, **params}), context)
+
+
+def test_greedy_is_deterministic_and_streaming_gives_the_same_text(backend):
+    gen = _gen(backend)
+    first = gen.answer("How fast is the TH-50 replaced?", PASSAGES[:2])
+    assert gen.last.prompt_tokens == len(gen.last_prompt.ids) and gen.last.output_tokens > 0
+    assert gen.last.ttft_ms is not None and gen.last.ttft_ms <= gen.last.total_ms
+    assert gen.answer("How fast is the TH-50 replaced?", PASSAGES[:2]) == first
+    batch = backend.generate([gen.last_prompt, gen.last_prompt], gen.params)  # a batch of two, left-padded
+    assert batch[0].text.strip() == batch[1].text.strip() == first
+
+
+def test_seeded_sampling_repeats_and_another_seed_differs(backend):
+    sampled = [_gen(backend, temperature=1.0, top_k=50, top_p=0.95, seed=seed, max_new_tokens=32)
+               .answer("warranty?", PASSAGES[:1]) for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1]
+    assert sampled[0] != sampled[2]
+
+
+def test_stop_sequences_end_the_answer_before_them_in_both_modes(backend):
+    free = _gen(backend, max_new_tokens=40).answer("When?", PASSAGES[:1])
+    assert len(free) > 12
+    stop = free[8:11]
+    assert stop.strip()
+    expected = free[:free.index(stop)].strip()
+    gen = _gen(backend, max_new_tokens=40, stop=(stop,))
+    assert gen.answer("When?", PASSAGES[:1]) == expected
+    assert "".join(gen.stream("When?", PASSAGES[:1])).strip() == expected
+    # The stream never shows a partial stop sequence, even split across pieces.
+    f = StopFilter(("STOP",))
+    assert f.feed("abc ST") == "abc " and f.feed("O") == "" and f.feed("P more") == "" and f.stopped
+
+
+def test_prompt_fits_the_context_in_model_tokens(backend):
+    tok = backend.tokenizer
+    prompt = build_prompt(tok, "How fast is the sensor replaced?", PASSAGES, context=300, max_new_tokens=64)
+    assert len(prompt.ids) <= 300 - 64
+    assert 0 < len(prompt.passages) < len(PASSAGES) and prompt.dropped == len(PASSAGES) - len(prompt.passages)
+    assert "<|assistant|>" in prompt.text  # rendered through the tokenizer's chat template
+    roomy = build_prompt(tok, "q?", PASSAGES, context=512, max_new_tokens=16)
+    assert len(roomy.ids) > len(prompt.ids) and len(roomy.ids) <= 496
+    if prompt.cut:  # a cut passage ends on a token boundary of the model's tokenizer, not mid-character
+        assert prompt.passages[-1]["text"] in PASSAGES[len(prompt.passages) - 1]["text"]
+    with pytest.raises(TrtragError, match="leaves"):
+        build_prompt(tok, "why " * 400, PASSAGES, context=300, max_new_tokens=64)
+
+
+def test_citations_map_back_to_sources():
+    got = citations("Replaced in 3 days [2], see also [2] and [9] and [1].", PASSAGES[:3])
+    assert [(c["n"], c["source"]) for c in got] == [(1, "doc1.md"), (2, "doc2.md")]
+
+
+def test_bad_model_paths_are_one_line_errors(tmp_path, tiny_lm):
+    from trtrag_cli.generators.hf import TransformersBackend
+
+    with pytest.raises(TrtragError, match="does not exist"):
+        TransformersBackend(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrtragError, match="no config.json"):
+        TransformersBackend(str(tmp_path / "empty"))
+    from trtrag_cli.encoders.models import model_dir
+
+    with pytest.raises(TrtragError, match="not a causal language model"):
+        TransformersBackend(str(model_dir("all-MiniLM-L6-v2")))
+
+
+# ------------------------------------------------------------------------------------ the HTTP node
+
+@pytest.fixture(scope="module")
+def node(backend):
+    from trtrag_cli.server import Service, make_server
+
+    service = Service(None, backend, model_name="tiny", max_wait_ms=20)
+    server = make_server(service, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", service
+    server.shutdown()
+    server.server_close()
+    service.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_backend_fails_over_to_a_live_node_and_matches_local_generation(node, tiny_lm, backend):
+    from trtrag_cli.generators.openai_node import OpenAIBackend
+
+    url, service = node
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    remote = OpenAIBackend([dead, url], "tiny", str(tiny_lm), timeout_s=30)
+    local = _gen(backend)
+    want = local.answer("How fast is the TH-50 replaced?", PASSAGES[:2])
+    for _ in range(2):  # round-robin starts at the dead node once: failover must hide it
+        got = _gen(remote).answer("How fast is the TH-50 replaced?", PASSAGES[:2])
+        assert got == want
+    gen = _gen(remote)
+    assert "".join(gen.stream("How fast is the TH-50 replaced?", PASSAGES[:2])).strip() == want
+    replies = remote.generate([local.last_prompt] * 3, local.params)
+    assert [r.extra["node"] for r in replies].count(url) == 3 and replies[0].output_tokens > 0
+
+
+def test_concurrent_requests_are_batched_on_the_node(node, tiny_lm, backend):
+    import openai
+
+    url, service = node
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+    before = len(service.batcher.batches)
+    results = []
+
+    def ask(i):
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"q {i % 2}"}],
+                                           max_tokens=8, temperature=0)
+        results.append((i % 2, r.choices[0].message.content))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sizes = service.batcher.batches[before:]
+    assert sum(sizes) == 8 and max(sizes) > 1  # some requests shared a generate call
+    assert len({text for key, text in results if key == 0}) == 1  # batching does not change greedy answers
+
+
+def test_nodes_down_or_silent_fail_fast_with_a_clear_error(tiny_lm, backend):
+    from trtrag_cli.generators.openai_node import OpenAIBackend
+
+    prompt = build_prompt(backend.tokenizer, "q?", PASSAGES[:1], 512, 8)
+    down = OpenAIBackend([f"http://127.0.0.1:{_free_port()}/v1"], "tiny", str(tiny_lm), timeout_s=5)
+    with pytest.raises(TrtragError, match="no generation node answered"):
+        down.generate([prompt], SamplingParams(max_new_tokens=8))
+    # A node that accepts the connection and never answers: the timeout ends it, not a hang.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    try:
+        slow = OpenAIBackend([f"http://127.0.0.1:{silent.getsockname()[1]}/v1"], "tiny", str(tiny_lm), timeout_s=1)
+        t = time.perf_counter()
+        with pytest.raises(TrtragError, match="APITimeoutError"):
+            slow.generate([prompt], SamplingParams(max_new_tokens=8))
+        assert time.perf_counter() - t < 10
+    finally:
+        silent.close()
+    with pytest.raises(TrtragError, match="base_urls is empty"):
+        OpenAIBackend([], "tiny", str(tiny_lm))
+
+
+# ------------------------------------------------------------------------------------ through ask
+
+def test_ask_with_a_language_model_streams_reports_tokens_and_falls_back(cli, make_recipe, corpus_copy, tiny_lm):
+    answer = {"generator": "transformers", "model": str(tiny_lm), "max_new_tokens": 16, "device": "cpu"}
+    recipe = make_recipe(answer=answer)
+    cli("index", corpus_copy, "--recipe", recipe)
+    rep = cli.json("ask", "Can I get an advance replacement for a faulty TH-50 sensor?", "--recipe", recipe)
+    gen = rep["generation"]
+    assert gen["generator"] == "transformers" and gen["output_tokens"] > 0 and gen["prompt_tokens"] > 50
+    assert gen["ttft_ms"] > 0 and 1 <= gen["passages_in_prompt"] <= 3
+    # The tiny tokenizer spends many tokens per word: what did not fit in 512 is said, not silently lost.
+    dropped = gen["passages_dropped"]
+    assert dropped == 3 - gen["passages_in_prompt"]
+    assert not dropped or any("did not fit" in w for w in rep["warnings"])
+    streamed = cli("ask", "Can I get an advance replacement for a faulty TH-50 sensor?", "--stream",
+                   "--recipe", recipe)
+    assert rep["answer"] in streamed.stdout  # greedy: the streamed text is the same answer
+    dead = make_recipe(name="dead", answer={"generator": "openai", "model": str(tiny_lm), "timeout_s": 2,
+                                            "base_urls": [f"http://127.0.0.1:{_free_port()}/v1"]})
+    cli("index", corpus_copy, "--recipe", dead)
+    out = cli("ask", "TH-50 replacement?", "--recipe", dead, ok=False)
+    assert "no generation node answered" in out.output and "answer.fallback: extractive" in out.output
+    saved = cli.json("ask", "TH-50 replacement?", "--recipe", dead, "--set", "answer.fallback=extractive")
+    assert saved["citations"] and any("answered extractively" in w for w in saved["warnings"])
+    assert saved["generation"] is None
+
+
+def test_build_engine_prepares_the_generator(cli, make_recipe, tiny_lm, node):
+    rep = cli.json("build-engine", "--generator", "--recipe", make_recipe(
+        answer={"generator": "transformers", "model": str(tiny_lm), "device": "cpu"}))
+    assert rep["context"] == 512 and [w["prompt_tokens"] for w in rep["warm_up"]] == [128, 496]
+    assert all(w["output_tokens"] > 0 for w in rep["warm_up"])
+    url, _ = node
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    rep = cli.json("build-engine", "--generator", "--recipe", make_recipe(
+        name="nodes", answer={"generator": "openai", "model": str(tiny_lm), "base_urls": [dead, url]}))
+    assert [n["ok"] for n in rep["nodes"]] == [False, True] and rep["nodes"][1]["models"] == ["tiny"]
+    out = cli("build-engine", "--generator", "--recipe", make_recipe(name="none"), ok=False)
+    assert "nothing" in out.output or "no generator to build" in out.output
