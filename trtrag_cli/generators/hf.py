@@ -77,6 +77,21 @@ class TransformersBackend:
             self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=False)
         self.compiled = compile
 
+    @classmethod
+    def from_model(cls, model, tokenizer, static_cache: bool | None = None) -> TransformersBackend:
+        """A backend over a model already in memory (benchmarks of random-weight shapes build it on the GPU)."""
+        self = cls.__new__(cls)
+        self._torch = deps.require("torch", "the transformers generator")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.device = next(model.parameters()).device
+        self.context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.static_cache = self.device.type == "cuda" if static_cache is None else static_cache
+        self.compiled = False
+        return self
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
