@@ -4,7 +4,8 @@ Speed does not depend on weight values, so the model is built on the GPU with ra
 baseline script does the same). Prints and writes JSON: TTFT (prefill and the first token, through the
 backend's generate with one new token) at 512/1024/2048 prompt tokens, and decode tokens/s at batch 1
 and 8 (128 new tokens after a 1024-token prompt, minus that prompt's TTFT), with and without the static
-KV cache. Run it in the same device call as ../shared/device/baselines/llm_baseline.py.
+KV cache (trtrag_cli/bench.py bench_generation, which `trtrag bench --generate` runs on the recipe's
+generator). Run it in the same device call as ../shared/device/baselines/llm_baseline.py.
 
 Usage: python benchmarks/gpu_generation.py --tokenizer DIR [--layers 40] [--out FILE.json]
 """
@@ -13,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,9 +30,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from trtrag_cli.generators.base import SamplingParams
+    from trtrag_cli.bench import bench_generation
     from trtrag_cli.generators.hf import TransformersBackend
-    from trtrag_cli.generators.prompt import Prompt
 
     cfg = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=args.layers,
                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096)
@@ -45,41 +43,11 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     report = {"gpu": torch.cuda.get_device_name(0), "params_b": round(params / 1e9, 2), "torch": torch.__version__}
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    gen = torch.Generator().manual_seed(0)
-
-    def prompt(n: int) -> Prompt:
-        return Prompt("", torch.randint(1000, 20000, (n,), generator=gen).tolist(), [])
-
-    def timed(fn, reps: int) -> float:
-        fn()
-        samples = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            samples.append(time.perf_counter() - t)
-        return statistics.median(samples)
-
     for static in (False, True):
-        backend = TransformersBackend.from_model(model, tok, static_cache=static)
         label = "static_cache" if static else "dynamic_cache"
-        one = SamplingParams(max_new_tokens=1)
-        ttft = {}
-        for n in (512, 1024, 2048):
-            p = prompt(n)
-            ttft[n] = timed(lambda: backend.generate([p], one), 3 if static else 5) * 1e3
-            print(f"{label} TTFT prompt={n}: {ttft[n]:.1f} ms", flush=True)
-        decode = {}
-        new = SamplingParams(max_new_tokens=128)
-        for batch in (1, 8):
-            ps = [prompt(1024) for _ in range(batch)]
-            total = timed(lambda: backend.generate(ps, new), 2)
-            first = timed(lambda: backend.generate(ps, one), 2)
-            decode[batch] = batch * 127 / (total - first)
-            print(f"{label} decode batch={batch}: {decode[batch]:.1f} tok/s ({total:.2f} s for 128 tokens)", flush=True)
-        report[label] = {"ttft_ms": {str(k): round(v, 1) for k, v in ttft.items()},
-                         "decode_tok_s": {str(k): round(v, 1) for k, v in decode.items()}}
+        backend = TransformersBackend.from_model(model, tok, static_cache=static)
+        report[label] = bench_generation(backend, (512, 1024, 2048), (1, 8), 128, reps=3 if static else 5,
+                                         log=lambda m, label=label: print(f"{label} {m}", flush=True))
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
 

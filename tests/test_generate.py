@@ -258,3 +258,16 @@ def test_build_engine_prepares_the_generator(cli, make_recipe, tiny_lm, node):
     assert [n["ok"] for n in rep["nodes"]] == [False, True] and rep["nodes"][1]["models"] == ["tiny"]
     out = cli("build-engine", "--generator", "--recipe", make_recipe(name="none"), ok=False)
     assert "nothing" in out.output or "no generator to build" in out.output
+
+
+def test_bench_times_the_generator(cli, make_recipe, tiny_lm):
+    recipe = make_recipe(answer={"generator": "transformers", "model": str(tiny_lm), "device": "cpu"})
+    rep = cli.json("bench", "--no-search", "--generate", "--prompt-lengths", "32,128,4096", "--gen-batch", "1,2",
+                   "--new-tokens", "8", "--reps", "2", "--recipe", recipe)
+    gen = rep["generation"]
+    assert gen["generator"] == "transformers" and gen["new_tokens"] == 8
+    assert set(gen["ttft_ms"]) == {"32", "128"}  # 4096 does not fit the 512-token model: skipped, not faked
+    assert all(v > 0 for v in gen["ttft_ms"].values()) and all(v > 0 for v in gen["decode_tok_s"].values())
+    assert "search" not in rep
+    out = cli("bench", "--no-search", "--generate", "--recipe", make_recipe(name="x"), ok=False)
+    assert "answer.generator is extractive" in out.output

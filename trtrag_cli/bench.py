@@ -285,6 +285,69 @@ def bench_concurrent(stage: Stage, texts: list[str], clients: int, per_client: i
             "mean_batch": round(statistics.mean(sizes), 2) if sizes else None}
 
 
+# --------------------------------------------------------------------------------------- generation
+
+def bench_generation(backend, prompt_lengths=(512, 1024, 2048), batches=(1, 8), new_tokens: int = 128,
+                     reps: int = 3, seed: int = 0, log: Callable[[str], None] = lambda m: None) -> dict:
+    """TTFT per prompt length and decode tokens/s per batch size of a generation backend.
+
+    TTFT is a generate of one new token (prefill plus the first token); decode is (batch x (new - 1))
+    tokens over the time of a whole generate minus its one-token time, both after a 1024-token prompt
+    (or the longest that fits). Prompts are random token ids: speed does not depend on their text.
+    """
+    from .generators.base import SamplingParams
+    from .generators.prompt import Prompt
+
+    rng = np.random.default_rng(seed)
+    vocab = len(backend.tokenizer)
+    context = getattr(backend, "context", 4096)
+
+    def prompt(n: int) -> Prompt:
+        return Prompt("", rng.integers(min(100, vocab - 1), vocab, n).tolist(), [])
+
+    def median_s(fn) -> float:
+        fn()
+        return statistics.median(timed_once(fn) for _ in range(reps))
+
+    one = SamplingParams(max_new_tokens=1)
+    out: dict = {"ttft_ms": {}, "decode_tok_s": {}, "new_tokens": new_tokens}
+    for n in prompt_lengths:
+        if n + 1 > context:
+            continue
+        p = prompt(n)
+        out["ttft_ms"][str(n)] = round(median_s(lambda: backend.generate([p], one)) * 1e3, 2)
+        log(f"TTFT prompt={n}: {out['ttft_ms'][str(n)]} ms")
+    base = min(1024, context - new_tokens - 1)
+    full = SamplingParams(max_new_tokens=new_tokens)
+    for batch in batches:
+        ps = [prompt(base) for _ in range(batch)]
+        total = median_s(lambda: backend.generate(ps, full))
+        first = median_s(lambda: backend.generate(ps, one))
+        out["decode_tok_s"][str(batch)] = round(batch * (new_tokens - 1) / max(1e-9, total - first), 1)
+        log(f"decode batch={batch}: {out['decode_tok_s'][str(batch)]} tok/s")
+    out["decode_prompt_tokens"] = base
+    return out
+
+
+def timed_once(fn) -> float:
+    """Seconds for one call, with the GPU's queue drained before and after when there is one."""
+    sync = _cuda_sync()
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def _cuda_sync() -> Callable[[], None]:
+    if deps.available("torch"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.synchronize
+    return lambda: None
+
+
 # ------------------------------------------------------------------------------------------- command
 
 def _query_texts(recipe: Recipe, path: Path | None, n: int) -> list[str]:
@@ -316,12 +379,41 @@ def machine() -> dict:
 def run_bench(recipe: Recipe, vectors: int = 0, dim: int = 0, batches: tuple[int, ...] = (1, 32, 1000),
               k: int = 100, kinds: tuple[str, ...] = ("ivf", "ivfpq", "hnsw"), n_queries: int = 1000,
               stage: bool = True, clients: int = 16, queries_path: Path | None = None, reps: int = 0,
+              search: bool = True, generation: dict | None = None,
               log: Callable[[str], None] = lambda m: None) -> dict:
-    """Everything `trtrag bench` reports, as plain data (see module docstring)."""
+    """Everything `trtrag bench` reports, as plain data (see module docstring).
+
+    generation: {"prompt_lengths", "batches", "new_tokens"} to also time the recipe's answer generator.
+    """
     if any(b < 1 for b in batches) or k < 1:
         raise TrtragError("batch sizes and k must be positive", "e.g. --batch 1,32,1000 --k 100")
-    n_queries = max(n_queries, max(batches))
     report: dict = {"schema": SCHEMA, "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if generation is not None:
+        report["generation"] = _generation_report(recipe, generation, reps, log)
+    if search:
+        _search_report(report, recipe, vectors, dim, batches, k, kinds, n_queries, stage, clients, queries_path,
+                       reps, log)
+    return report
+
+
+def _generation_report(recipe: Recipe, settings: dict, reps: int, log) -> dict:
+    from .generators import open_backend
+
+    if recipe.answer.generator == "extractive":
+        raise TrtragError("--generate times the answer generator, but answer.generator is extractive",
+                          "set answer.generator (transformers, openai or tensorrt-llm) and answer.model")
+    backend = open_backend(recipe.answer)
+    try:
+        out = bench_generation(backend, settings["prompt_lengths"], settings["batches"], settings["new_tokens"],
+                               reps or 3, log=log)
+    finally:
+        backend.close()
+    return {"generator": recipe.answer.generator, "model": recipe.answer.model, **out}
+
+
+def _search_report(report, recipe, vectors, dim, batches, k, kinds, n_queries, stage, clients, queries_path,
+                   reps, log) -> None:
+    n_queries = max(n_queries, max(batches))
     encoder = None
     if vectors:
         if dim < 1:
@@ -355,7 +447,6 @@ def run_bench(recipe: Recipe, vectors: int = 0, dim: int = 0, batches: tuple[int
     engines.clear()
     if encoder is not None:
         encoder.close()
-    return report
 
 
 def _stage_report(recipe, encoder, engines, base, dim, k, clients, queries_path, gpu, reps, log) -> dict:
@@ -425,7 +516,9 @@ def plot(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     stage = (report.get("stage") or {}).get("batch1")
-    rows = [r for r in report.get("search", []) if r["batch"] == min(x["batch"] for x in report["search"])]
+    if not report.get("search"):
+        raise TrtragError("the report has no search measurements to plot", "run trtrag bench with --search")
+    rows = [r for r in report["search"] if r["batch"] == min(x["batch"] for x in report["search"])]
     fig, axes = plt.subplots(1, 2 if stage else 1, figsize=(13 if stage else 7, 4.5), squeeze=False)
     marks = ("p50_ms", "p90_ms", "p99_ms")
     width = 0.27

@@ -344,6 +344,12 @@ def bench(vectors: int = typer.Option(0, "--vectors", "-n", help="Synthetic clus
           stage: bool = typer.Option(True, "--stage/--no-stage", help="Time encode + search + rerank at batch 1 "
                                      "and under concurrent callers."),
           clients: int = typer.Option(16, "--clients", help="Concurrent callers for the batched measurement."),
+          search: bool = typer.Option(True, "--search/--no-search", help="Measure retrieval (off: --generate only)."),
+          generate: bool = typer.Option(False, "--generate", help="Also time the recipe's answer generator: "
+                                        "TTFT per prompt length, decode tokens/s per batch size."),
+          prompt_lengths: str = typer.Option("512,1024,2048", "--prompt-lengths", help="Prompt tokens for TTFT."),
+          gen_batch: str = typer.Option("1,8", "--gen-batch", help="Batch sizes for the decode rate."),
+          new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens generated for the decode rate."),
           reps: int = typer.Option(0, "--reps", help="Timed calls per measurement (0: 200 at batch 1, fewer for "
                                    "larger batches, a quarter of that on the CPU; the stage: 1000 on a GPU, 200 on "
                                    "the CPU)."),
@@ -377,8 +383,15 @@ def bench(vectors: int = typer.Option(0, "--vectors", "-n", help="Synthetic clus
         if unknown:
             raise TrtragError(f"unknown index kind(s) {', '.join(unknown)}", "use ivf, ivfpq or hnsw")
         console = _console()
+        try:
+            gen = {"prompt_lengths": [int(x) for x in prompt_lengths.split(",") if x.strip()],
+                   "batches": [int(x) for x in gen_batch.split(",") if x.strip()], "new_tokens": new_tokens}
+        except ValueError:
+            raise TrtragError("--prompt-lengths and --gen-batch take comma-separated integers",
+                              "e.g. --prompt-lengths 512,1024 --gen-batch 1,8") from None
         report = run_bench(cfg, vectors, dim, sizes, k, tuple(x for x in kind_list if x != "flat"), stage=stage,
-                           clients=clients, queries_path=queries, reps=reps,
+                           clients=clients, queries_path=queries, reps=reps, search=search,
+                           generation=gen if generate else None,
                            log=(lambda m: None) if as_json else (lambda m: console.print(m, markup=False, style="dim")))
     if out is not None:
         write_json(out, report)
@@ -397,15 +410,22 @@ def _print_bench(report: dict) -> None:
     if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
         console.width = 150
     data, where = report.get("data", {}), report.get("machine", {})
-    table = Table(title=f"search: {data.get('vectors')} x {data.get('dim')} ({data.get('kind')}) on "
-                        f"{where.get('cuda_device') or where.get('cpu')}")
-    for col in ("engine", "batch", "P50 ms", "P90 ms", "P99 ms", "q/s", "R@10", "reranked", "GPU MiB"):
-        table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
-    for r in report.get("search", []):
-        table.add_row(r["engine"], str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                      f"{r['qps']:.0f}", f"{r['recall@10']:.3f}", f"{r['recall@10_reranked']:.3f}",
-                      str(r.get("gpu_memory_mib", "-")))
-    console.print(table)
+    if report.get("search"):
+        table = Table(title=f"search: {data.get('vectors')} x {data.get('dim')} ({data.get('kind')}) on "
+                            f"{where.get('cuda_device') or where.get('cpu')}")
+        for col in ("engine", "batch", "P50 ms", "P90 ms", "P99 ms", "q/s", "R@10", "reranked", "GPU MiB"):
+            table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
+        for r in report.get("search", []):
+            table.add_row(r["engine"], str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}",
+                          f"{r['p99_ms']:.3f}", f"{r['qps']:.0f}", f"{r['recall@10']:.3f}",
+                          f"{r['recall@10_reranked']:.3f}",
+                          str(r.get("gpu_memory_mib", "-")))
+        console.print(table)
+    gen = report.get("generation")
+    if gen:
+        console.print(f"generation ({gen['generator']}, {gen['new_tokens']} new tokens): TTFT "
+                      + ", ".join(f"{n} tokens {v} ms" for n, v in gen["ttft_ms"].items()) + "; decode "
+                      + ", ".join(f"batch {b} {v} tok/s" for b, v in gen["decode_tok_s"].items()), markup=False)
     stage = report.get("stage")
     if stage:
         t = Table(title=f"retrieval stage, batch 1: {stage['encoder']} + {stage['search_engine']} "
