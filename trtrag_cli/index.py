@@ -45,10 +45,10 @@ def gpu_count() -> int:
 
 
 def torch_gpu_count() -> int:
-    """CUDA devices PyTorch sees (0 without torch or a GPU)."""
-    from . import deps
+    """CUDA devices PyTorch sees (0 without torch or a GPU; without NVIDIA device nodes torch is not imported)."""
+    from .encoders import gpu_present
 
-    if not deps.available("torch"):
+    if not gpu_present():
         return 0
     import torch
 
