@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True, help="a folder with tokenizer.json (ids are random anyway)")
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("gpu-generation.json"))
+    ap.add_argument("--caches", default="dynamic,static", help="which KV caches to time")
     args = ap.parse_args()
 
     import torch
@@ -43,7 +44,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     report = {"gpu": torch.cuda.get_device_name(0), "params_b": round(params / 1e9, 2), "torch": torch.__version__}
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    for static in (False, True):
+    for static in [c == "static" for c in args.caches.split(",")]:
         label = "static_cache" if static else "dynamic_cache"
         backend = TransformersBackend.from_model(model, tok, static_cache=static)
         report[label] = bench_generation(backend, (512, 1024, 2048), (1, 8), 128, reps=3 if static else 5,
