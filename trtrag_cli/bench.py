@@ -115,7 +115,7 @@ def build_engines(recipe: Recipe, vectors: np.ndarray, ids: np.ndarray, kinds: l
     Searchers take numpy queries and return (scores, ids), as VectorIndex does.
     """
     from .exact import TorchExact
-    from .index import VectorIndex, gpu_count, torch_gpu_count
+    from .index import VectorIndex, gpu_count, torch_devices, torch_gpu_count
 
     out = []
     dim = vectors.shape[1]
@@ -140,11 +140,8 @@ def build_engines(recipe: Recipe, vectors: np.ndarray, ids: np.ndarray, kinds: l
                     label = f"{where} faiss flat" + (f" {'fp16' if fp16 else 'fp32'}" if where == "gpu" else "")
                     searcher = index
                 else:
-                    n = torch_gpu_count() if cfg.gpus <= 0 else min(cfg.gpus, torch_gpu_count())
-                    devices = [f"cuda:{i}" for i in range(n)]
-                    searcher = TorchExact(vectors, ids, devices, fp16=fp16)
+                    searcher = TorchExact(vectors, ids, torch_devices(cfg), fp16=fp16)
                     label = f"gpu torch exact {'fp16' if fp16 else 'fp32'}"
-                    # The same vectors with a plain radix top-k: how much the grouped selection buys.
                     # The same vectors with a plain radix top-k, and with fp16 scores: what each choice costs.
                     out.append((label + " radix-topk", searcher.sharing(select="topk"),
                                 _facts(cfg, "flat", None, 0.0) | {"select": "topk"}))

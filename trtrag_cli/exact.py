@@ -113,10 +113,6 @@ class TorchExact:
             out[lo:lo + step] = piece.to(device, non_blocking=False).to(self.dtype)
         return out
 
-    def memory_bytes(self) -> int:
-        """Bytes held on the devices by the database and its ids."""
-        return sum(db.numel() * db.element_size() + ids.numel() * 8 for db, ids in self.shards)
-
     def search_tensor(self, queries, k: int):
         """(scores float32 [B, k], ids int64 [B, k]) as tensors on the first device; -1 ids past ntotal.
 

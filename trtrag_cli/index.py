@@ -55,6 +55,13 @@ def torch_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def torch_devices(cfg: IndexConfig) -> list[str]:
+    """CUDA devices PyTorch exact search spreads its rows over: index.gpus of them (0: all), or only the first
+    with multi_gpu replicate (torch search shards; replicas would serve throughput, not one query)."""
+    n = torch_gpu_count() if cfg.gpus <= 0 else min(cfg.gpus, torch_gpu_count())
+    return [f"cuda:{i}" for i in range(1 if cfg.multi_gpu == "replicate" else n)] if n else []
+
+
 def pq_subquantizers(cfg: IndexConfig, dim: int) -> int:
     """index.pq_m, or dim / 8 by default (768 -> 96, 384 -> 48); must divide dim."""
     m = cfg.pq_m or max(1, dim // 8)
@@ -190,11 +197,9 @@ class VectorIndex:
     def _gpu_resources(self) -> list:
         faiss = _faiss()
         if self._resources is None:
-            self._resources = [faiss.StandardGpuResources() for _ in range(self._n_gpus(gpu_count()))]
+            n = gpu_count() if self.cfg.gpus <= 0 else min(self.cfg.gpus, gpu_count())
+            self._resources = [faiss.StandardGpuResources() for _ in range(n)]
         return self._resources
-
-    def _n_gpus(self, available: int) -> int:
-        return available if self.cfg.gpus <= 0 else min(self.cfg.gpus, available)
 
     def _cloner_options(self, multiple: bool = False):
         faiss = _faiss()
@@ -221,21 +226,28 @@ class VectorIndex:
             self._flat_to_device()
         else:
             faiss = _faiss()
-            res = self._gpu_resources()
-            if len(res) == 1:
-                self._gpu = faiss.index_cpu_to_gpu(res[0], 0, self._index, self._cloner_options())
-            else:
-                vres, vdev = faiss.GpuResourcesVector(), faiss.Int32Vector()
-                for i, r in enumerate(res):
-                    vres.push_back(r)
-                    vdev.push_back(i)
-                self._gpu = faiss.index_cpu_to_gpu_multiple(vres, vdev, self._index, self._cloner_options(True))
+            self._gpu = self._to_gpus(self._index)
             nprobe = min(self.cfg.nprobe, self._inner().nlist)
             faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", nprobe)
-            spread = f" ({self.cfg.multi_gpu}ed over {len(res)} GPUs)" if len(res) > 1 else ""
             lut = " fp16 LUT" if kind == "ivfpq" and self.cfg.fp16 else ""
-            self.placement = f"gpu: faiss-gpu {kind}{lut} nprobe={self.cfg.nprobe}{spread}"
+            self.placement = f"gpu: faiss-gpu {kind}{lut} nprobe={self.cfg.nprobe}{self._spread()}"
         return self.placement
+
+    def _to_gpus(self, cpu_index):
+        """A faiss-gpu clone of cpu_index on the recipe's GPUs: one, or sharded/replicated over several."""
+        faiss = _faiss()
+        res = self._gpu_resources()
+        if len(res) == 1:
+            return faiss.index_cpu_to_gpu(res[0], 0, cpu_index, self._cloner_options())
+        vres, vdev = faiss.GpuResourcesVector(), faiss.Int32Vector()
+        for i, r in enumerate(res):
+            vres.push_back(r)
+            vdev.push_back(i)
+        return faiss.index_cpu_to_gpu_multiple(vres, vdev, cpu_index, self._cloner_options(True))
+
+    def _spread(self) -> str:
+        n = len(self._resources or ())
+        return f" ({self.cfg.multi_gpu}ed over {n} GPUs)" if n > 1 else ""
 
     def _flat_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         faiss = _faiss()
@@ -270,31 +282,18 @@ class VectorIndex:
             self.placement = f"gpu: {self._gpu.name}"
         else:
             self._gpu, self._gpu_ids = options["faiss"], ids
-            n = len(self._gpu_resources())
-            self.placement = f"gpu: faiss-gpu flat {'fp16' if self.cfg.fp16 else 'fp32'}" + \
-                (f" ({self.cfg.multi_gpu}ed over {n} GPUs)" if n > 1 else "")
+            self.placement = f"gpu: faiss-gpu flat {'fp16' if self.cfg.fp16 else 'fp32'}{self._spread()}"
 
     def _torch_exact(self, vectors: np.ndarray, ids: np.ndarray):
         from .exact import TorchExact
 
-        n = self._n_gpus(torch_gpu_count())
-        devices = [f"cuda:{i}" for i in range(n)]
-        if self.cfg.multi_gpu == "replicate" and n > 1:
-            devices = devices[:1]  # torch search shards; replication serves throughput, not one query
-        return TorchExact(vectors, ids, devices, fp16=self.cfg.fp16)
+        return TorchExact(vectors, ids, torch_devices(self.cfg), fp16=self.cfg.fp16)
 
     def _faiss_flat(self, vectors: np.ndarray):
         faiss = _faiss()
         flat = faiss.IndexFlatIP(self.dim)
         flat.add(vectors)
-        res = self._gpu_resources()
-        if len(res) == 1:
-            return faiss.index_cpu_to_gpu(res[0], 0, flat, self._cloner_options())
-        vres, vdev = faiss.GpuResourcesVector(), faiss.Int32Vector()
-        for i, r in enumerate(res):
-            vres.push_back(r)
-            vdev.push_back(i)
-        return faiss.index_cpu_to_gpu_multiple(vres, vdev, flat, self._cloner_options(True))
+        return self._to_gpus(flat)
 
     # ------------------------------------------------------------------------------------ search
 
@@ -323,10 +322,6 @@ class VectorIndex:
             return self._index.search(q, k)
         finally:
             faiss.omp_set_num_threads(before)
-
-    def device_memory_bytes(self) -> int | None:
-        """Bytes the GPU copy holds where known (torch exact), else None."""
-        return self._gpu.memory_bytes() if hasattr(self._gpu, "memory_bytes") else None
 
     # ------------------------------------------------------------------------------------ files
 
