@@ -27,6 +27,7 @@ import numpy as np
 from . import deps
 from .errors import TrtragError
 from .recipe import Recipe
+from .retrieve import top_indices
 
 SCHEMA = "trtrag.bench/1"
 STAGES = ("encode", "search", "rerank", "total")
@@ -219,9 +220,7 @@ class Stage:
     def rerank(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact fp32 scores of the candidates (rows of `vectors`), best top_k first."""
         ids = ids[ids >= 0]
-        scores = self.vectors[ids] @ query
-        top = np.argpartition(-scores, min(self.top_k, len(ids)) - 1)[:self.top_k]
-        return ids[top[np.argsort(-scores[top], kind="stable")]]
+        return ids[top_indices(self.vectors[ids] @ query, self.top_k)]
 
     def one(self, text: str) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -302,9 +301,8 @@ def bench_generation(backend, prompt_lengths=(512, 1024, 2048), batches=(1, 8), 
     def prompt(n: int) -> Prompt:
         return Prompt("", rng.integers(min(100, vocab - 1), vocab, n).tolist(), [])
 
-    def median_s(fn) -> float:
-        fn()
-        return statistics.median(timed_once(fn) for _ in range(reps))
+    def median_s(fn) -> float:  # generate returns host data, so each call has finished on the device
+        return statistics.median(timed(fn, reps, warmup=1))
 
     one = SamplingParams(max_new_tokens=1)
     out: dict = {"ttft_ms": {}, "decode_tok_s": {}, "new_tokens": new_tokens}
@@ -325,24 +323,6 @@ def bench_generation(backend, prompt_lengths=(512, 1024, 2048), batches=(1, 8), 
     out["decode_prompt_tokens"] = base
     return out
 
-
-def timed_once(fn) -> float:
-    """Seconds for one call, with the GPU's queue drained before and after when there is one."""
-    sync = _cuda_sync()
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t
-
-
-def _cuda_sync() -> Callable[[], None]:
-    if deps.available("torch"):
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.synchronize
-    return lambda: None
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -396,9 +376,6 @@ def run_bench(recipe: Recipe, vectors: int = 0, dim: int = 0, batches: tuple[int
 def _generation_report(recipe: Recipe, settings: dict, reps: int, log) -> dict:
     from .generators import open_backend
 
-    if recipe.answer.generator == "extractive":
-        raise TrtragError("--generate times the answer generator, but answer.generator is extractive",
-                          "set answer.generator (transformers, openai or tensorrt-llm) and answer.model")
     backend = open_backend(recipe.answer)
     try:
         out = bench_generation(backend, settings["prompt_lengths"], settings["batches"], settings["new_tokens"],
@@ -427,7 +404,7 @@ def _search_report(report, recipe, vectors, dim, batches, k, kinds, n_queries, s
     cfg = recipe.index
     if vectors and kinds:
         # The recipe's nlist suits its corpus; synthetic scale gets faiss's rule of thumb, 4 * sqrt(N).
-        nlist = min(cfg.nlist if not vectors else 2 ** round(math.log2(4 * math.sqrt(vectors))), max(1, vectors // 39))
+        nlist = min(2 ** round(math.log2(4 * math.sqrt(vectors))), max(1, vectors // 39))
         recipe = replace(recipe, index=replace(cfg, nlist=nlist))
     report["data"] = source
     report["index"] = {"nlist": recipe.index.nlist, "nprobe": recipe.index.nprobe,

@@ -305,13 +305,10 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
 
         pipeline = Pipeline(cfg)
     backend = None
-    if cfg.answer.generator != "extractive":
+    if cfg.answer.generator != "extractive" or generate_only:  # open_backend refuses extractive
         backend = getattr(getattr(pipeline, "generator", None), "backend", None) if pipeline else None
         backend = backend or open_backend(cfg.answer)
         model_context(backend, cfg.answer)
-    elif generate_only:
-        raise TrtragError("--generate-only needs a language-model generator",
-                          "set answer.generator: transformers (or tensorrt-llm) and answer.model")
     service = Service(pipeline, backend, model_name=cfg.answer.served_model or Path(cfg.answer.model or "trtrag").name,
                       defaults=SamplingParams.from_recipe(cfg.answer))
     server = make_server(service, host, port)

@@ -29,7 +29,7 @@ class Ranking:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _top(scores: np.ndarray, n: int) -> np.ndarray:
+def top_indices(scores: np.ndarray, n: int) -> np.ndarray:
     """Indices of the n largest scores, best first."""
     n = min(n, len(scores))
     if n <= 0:
@@ -50,7 +50,7 @@ def fuse(mode: str, dense_rows: np.ndarray, lex_scores: np.ndarray | None, query
     if mode == "dense":
         rows = dense_rows
         return rows, vectors[rows] @ query_vec
-    lex_rows = _top(lex_scores, top_n)
+    lex_rows = top_indices(lex_scores, top_n)
     lex_rows = lex_rows[lex_scores[lex_rows] > 0]
     if mode == "bm25":
         return lex_rows, lex_scores[lex_rows]

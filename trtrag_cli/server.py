@@ -22,21 +22,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from .batcher import Batcher
 from .errors import TrtragError
 from .generators.base import SamplingParams
-from .generators.prompt import Prompt, render
+from .generators.prompt import Prompt, render_messages
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> Prompt:
     """An OpenAI messages list as a Prompt, through the tokenizer's chat template where it has one."""
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ValueError("messages must be a non-empty list of {role, content} objects")
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        system = "\n".join(m.get("content", "") for m in messages if m.get("role") == "system")
-        user = "\n".join(m.get("content", "") for m in messages if m.get("role") != "system")
-        text, ids, _ = render(tokenizer, system, user)
-    return Prompt(text, list(ids), [], messages=messages)
+    text, ids = render_messages(tokenizer, messages)
+    return Prompt(text, ids, [], messages=messages)
 
 
 def request_params(body: dict, defaults: SamplingParams) -> SamplingParams:

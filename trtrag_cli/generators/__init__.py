@@ -22,7 +22,10 @@ class Generator(Protocol):
 
 
 def open_backend(answer):
-    """The language-model backend `answer.generator` names (not extractive)."""
+    """The language-model backend `answer.generator` names; extractive has none, which is an error here."""
+    if answer.generator == "extractive":
+        raise TrtragError("answer.generator is extractive: nothing to build, time or serve (it has no language "
+                          "model)", "set answer.generator (transformers, openai or tensorrt-llm) and answer.model")
     if answer.generator == "transformers":
         from .hf import TransformersBackend
 

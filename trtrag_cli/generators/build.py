@@ -23,9 +23,6 @@ WARM_LENGTHS = (128, 512)
 def build_generator(recipe) -> dict:
     """Prepare the generator; a report of what was done and measured."""
     answer = recipe.answer
-    if answer.generator == "extractive":
-        raise TrtragError("answer.generator is extractive: there is no generator to build",
-                          "set answer.generator (transformers, openai or tensorrt-llm) and answer.model")
     if answer.generator == "openai":
         return _check_nodes(answer)
     started = time.perf_counter()

@@ -40,15 +40,22 @@ def _user_message(question: str, blocks: list[str]) -> str:
     return "Passages:\n\n" + "\n".join(blocks) + f"\nQuestion: {question}"
 
 
-def render(tokenizer, system: str, user: str) -> tuple[str, list[int], list[dict]]:
-    """Prompt text and ids, through the tokenizer's chat template when it has one."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+def render_messages(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
+    """Prompt text and ids for chat messages: the tokenizer's chat template when it has one (its text
+    carries the special tokens), else system lines, a blank line, the other lines and "Answer:"."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = f"{system}\n\n{user}\nAnswer:"
-    ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
-    return text, list(ids), messages
+        return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    system = "\n".join(m.get("content", "") for m in messages if m.get("role") == "system")
+    user = "\n".join(m.get("content", "") for m in messages if m.get("role") != "system")
+    text = f"{system}\n\n{user}\nAnswer:"
+    return text, list(tokenizer(text)["input_ids"])
+
+
+def render(tokenizer, system: str, user: str) -> tuple[str, list[int], list[dict]]:
+    """Prompt text, ids and messages for one system and one user message."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return (*render_messages(tokenizer, messages), messages)
 
 
 def build_prompt(tokenizer, question: str, passages: list[dict], context: int, max_new_tokens: int,
