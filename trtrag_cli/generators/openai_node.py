@@ -73,7 +73,7 @@ class OpenAIBackend:
                            "answer.fallback: extractive")
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
-        """One request per prompt (the node batches concurrent requests itself)."""
+        """One request per prompt, in turn (concurrent callers, e.g. `serve`, are what a node batches)."""
         return [self._one(p, params) for p in prompts]
 
     def _one(self, prompt: Prompt, params: SamplingParams) -> Generation:
