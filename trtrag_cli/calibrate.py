@@ -122,15 +122,12 @@ class _Runner:
     """Runs texts through a model that also returns the named tensors; hands each run's real tokens on."""
 
     def __init__(self, model, names: list[str], tokenizer, threads: int):
-        import onnxruntime as ort
-
-        from .encoders.onnxruntime import session_options
+        from .encoders.onnxruntime import new_session, session_options
         from .quantize import qdq
 
         self.names = names
         self.tokenizer = tokenizer
-        self.session = ort.InferenceSession(qdq.with_outputs(model, names).SerializeToString(),
-                                            session_options(threads), providers=["CPUExecutionProvider"])
+        self.session = new_session(qdq.with_outputs(model, names).SerializeToString(), session_options(threads))
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def run(self, texts: list[str], sink) -> None:

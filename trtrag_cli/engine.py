@@ -216,12 +216,12 @@ def _save_optimised(src: Path, dst: Path) -> None:
     Extended (not all) optimisations: the saved graph then holds no layout specific to this CPU.
     """
     ort = deps.require("onnxruntime", "building the CPU engine")
-    from .encoders.onnxruntime import session_options
+    from .encoders.onnxruntime import new_session, session_options
 
     options = session_options(1)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(dst)
-    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    new_session(src, options)
     if not dst.is_file():
         raise TrtragError(f"ONNX Runtime did not save an optimised model from {src}", "check the ORT version")
 
