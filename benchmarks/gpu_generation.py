@@ -3,11 +3,15 @@
 Speed does not depend on weight values, so the model is built on the GPU with random weights (the
 baseline script does the same). Prints and writes JSON: TTFT (prefill and the first token, through the
 backend's generate with one new token) at 512/1024/2048 prompt tokens, and decode tokens/s at batch 1
-and 8 (128 new tokens after a 1024-token prompt, minus that prompt's TTFT), with and without the static
-KV cache (trtrag_cli/bench.py bench_generation, which `trtrag bench --generate` runs on the recipe's
-generator). Run it in the same device call as ../shared/device/baselines/llm_baseline.py.
+and 8 (128 new tokens after a 1024-token prompt, minus that prompt's TTFT), per variant
+(trtrag_cli/bench.py bench_generation, which `trtrag bench --generate` runs on the recipe's generator):
+  graph           our decode loop (generators/graph_decode.py), CUDA graphs, eager kernels
+  graph_compiled  the same with its layer functions compiled (answer.compile: true)
+  static          transformers' generate with its static cache (answer.decode: transformers)
+  dynamic         transformers' generate with its default dynamic cache
+Run it in the same device call as ../shared/device/baselines/llm_baseline.py.
 
-Usage: python benchmarks/gpu_generation.py --tokenizer DIR [--layers 40] [--out FILE.json]
+Usage: python benchmarks/gpu_generation.py --tokenizer DIR [--layers 40] [--variants graph,static] [--out F]
 """
 
 from __future__ import annotations
@@ -15,9 +19,58 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _kernels(prof, top_n: int = 12) -> dict:
+    """CUDA kernels of a profile: how many, their GPU time, and the top ones by time."""
+    import torch
+
+    kernels: dict = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name[:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time_total / 1e3
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top_n]
+    return {"kernels": sum(v[0] for v in kernels.values()),
+            "kernel_ms": round(sum(v[1] for v in kernels.values()), 3),
+            "top": [{"name": k, "count": v[0], "ms": round(v[1], 3)} for k, v in top]}
+
+
+def profile_step(model, tok, compile: bool) -> dict:
+    """Kernels of our prefill (1024 tokens) and of one decode step after it (batch 1, not in a graph)."""
+    import torch
+
+    from trtrag_cli.generators.hf import TransformersBackend
+
+    backend = TransformersBackend.from_model(model, tok, decode="graph", compile=compile)
+    dec = backend.decoder
+    dec._ensure_cache(1, 1152)
+    greedy = (0.0, 0, 1.0)
+    out = {}
+    with torch.inference_mode():
+        for _ in range(2):
+            dec.tokens[:1].copy_(dec._sample(dec.prefill(list(range(100, 1124)), 0)[None], *greedy))
+        dec.positions[:1].fill_(1024)
+        for _ in range(3):
+            dec._advance(1, 1280, greedy)
+        torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            dec.prefill(list(range(100, 1124)), 0)
+            torch.cuda.synchronize()
+        out["prefill_1024"] = _kernels(prof)
+        with torch.profiler.profile(activities=activities) as prof:
+            dec._advance(1, 1280, greedy)
+            torch.cuda.synchronize()
+        out["decode_step"] = _kernels(prof, 20)
+    print(json.dumps(out, indent=1), flush=True)
+    backend.close()
+    return out
 
 
 def main() -> None:
@@ -25,7 +78,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True, help="a folder with tokenizer.json (ids are random anyway)")
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("gpu-generation.json"))
-    ap.add_argument("--caches", default="dynamic,static", help="which KV caches to time")
+    ap.add_argument("--profile", action="store_true", help="kernel times of one eager decode step (batch 1)")
+    ap.add_argument("--variants", default="graph,graph_compiled,static", help="which decode paths to time")
     args = ap.parse_args()
 
     import torch
@@ -44,11 +98,20 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     report = {"gpu": torch.cuda.get_device_name(0), "params_b": round(params / 1e9, 2), "torch": torch.__version__}
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    for static in [c == "static" for c in args.caches.split(",")]:
-        label = "static_cache" if static else "dynamic_cache"
-        backend = TransformersBackend.from_model(model, tok, static_cache=static)
-        report[label] = bench_generation(backend, (512, 1024, 2048), (1, 8), 128, reps=3 if static else 5,
+    settings = {"graph": {"decode": "graph"}, "graph_compiled": {"decode": "graph", "compile": True},
+                "static": {"decode": "transformers", "static_cache": True},
+                "dynamic": {"decode": "transformers", "static_cache": False}}
+    for label in args.variants.split(","):
+        started = time.perf_counter()
+        backend = TransformersBackend.from_model(model, tok, **settings[label])
+        report[label] = bench_generation(backend, (512, 1024, 2048), (1, 8), 128, reps=3,
                                          log=lambda m, label=label: print(f"{label} {m}", flush=True))
+        report[label]["seconds_with_warmup"] = round(time.perf_counter() - started, 1)
+        report[label]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        backend.close()
+        torch.cuda.reset_peak_memory_stats()
+    if args.profile:
+        report["profile"] = {label: profile_step(model, tok, label == "compiled") for label in ("eager", "compiled")}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
 

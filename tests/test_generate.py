@@ -115,6 +115,43 @@ def test_prompt_fits_the_context_in_model_tokens(backend):
         build_prompt(tok, "why " * 400, PASSAGES, context=300, max_new_tokens=64)
 
 
+@pytest.fixture(scope="module")
+def fast(tiny_lm):
+    """The same model through our own decoder (graph_decode.py); on the CPU it runs without CUDA graphs."""
+    from trtrag_cli.generators.hf import TransformersBackend
+
+    return TransformersBackend(str(tiny_lm), device="cpu", decode="graph")
+
+
+def test_fast_decoder_matches_transformers_token_for_token(backend, fast):
+    import torch
+
+    tok = backend.tokenizer
+    prompts = [build_prompt(tok, q, PASSAGES[:k], context=512, max_new_tokens=40)
+               for q, k in (("How fast is the TH-50 replaced?", 2), ("warranty?", 1))]
+    assert len(prompts[0].ids) != len(prompts[1].ids)
+    # Logits of the prompt: fused weights, our RoPE/RMSNorm/attention against transformers' forward.
+    dec = fast.decoder
+    dec._ensure_cache(2, 512)
+    with torch.inference_mode():
+        ours = dec.prefill(prompts[1].ids, 1)
+        theirs = backend.model(torch.tensor([prompts[1].ids])).logits[0, -1]
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    greedy = SamplingParams(max_new_tokens=40)
+    expected = [backend.generate([p], greedy)[0] for p in prompts]     # transformers, one prompt at a time
+    got = fast.generate(prompts, greedy)                                 # both rows in one ragged batch
+    assert [g.text for g in got] == [e.text for e in expected]
+    assert [g.output_tokens for g in got] == [e.output_tokens for e in expected]
+    sampled = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    runs = [fast.generate(prompts[:1], sampled)[0].text for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0] != got[0].text
+    stop = got[0].text[6:9]
+    cut = SamplingParams(max_new_tokens=40, stop=(stop,))
+    before = got[0].text[:got[0].text.index(stop)]
+    assert fast.generate(prompts[:1], cut)[0].text == before
+    assert "".join(fast.stream(prompts[0], cut)) == before
+
+
 def test_citations_map_back_to_sources():
     got = citations("Replaced in 3 days [2], see also [2] and [9] and [1].", PASSAGES[:3])
     assert [(c["n"], c["source"]) for c in got] == [(1, "doc1.md"), (2, "doc2.md")]

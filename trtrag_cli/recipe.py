@@ -90,7 +90,9 @@ class AnswerConfig:
     context: int = 0                      # tokens the prompt plus answer may use; 0 = the model's own limit
     device: str = "auto"                  # transformers: auto | cpu | cuda[:n]
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    compile: bool = False                 # transformers on a GPU: compile the decode step
+    compile: bool = True                  # transformers on a GPU: compile the layer functions (or the step)
+    decode: Literal["auto", "graph", "transformers"] = "auto"  # transformers: auto = our CUDA-graph loop for
+                                          # Llama-family models on a GPU, transformers' generate otherwise
     base_urls: list[str] = field(default_factory=list)  # openai: the nodes, balanced with failover
     served_model: str = ""                # openai: the model name the nodes serve
     api_key_env: str = "OPENAI_API_KEY"

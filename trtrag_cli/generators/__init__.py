@@ -29,7 +29,8 @@ def open_backend(answer):
     if answer.generator == "transformers":
         from .hf import TransformersBackend
 
-        return TransformersBackend(answer.model, answer.device, answer.dtype, answer.compile)
+        return TransformersBackend(answer.model, answer.device, answer.dtype, answer.compile,
+                                   decode=answer.decode)
     if answer.generator == "openai":
         from .openai_node import OpenAIBackend
 

@@ -42,6 +42,8 @@ def build_generator(recipe) -> dict:
         for key in ("device", "static_cache", "compiled"):
             if hasattr(backend, key):
                 report[key] = str(getattr(backend, key))
+        if answer.generator == "transformers":
+            report["decode"] = "graph" if backend.decoder is not None else "transformers generate"
         if answer.generator == "tensorrt-llm":
             from .trtllm import serve_command
 

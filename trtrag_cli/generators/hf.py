@@ -1,10 +1,11 @@
 """Generation with Hugging Face transformers: a local causal LM folder, on the CPU or a CUDA GPU.
 
-On a GPU the KV cache is transformers' static cache (allocated once, kept on the device) and, with
-`answer.compile`, the decode step is compiled so it replays without per-token Python and launch
-overhead. Sampling (temperature, top-k, top-p) runs on the device inside `generate`. Stop sequences
-end generation early (`stop_strings`) and are cut from the text; streaming goes through
-`TextIteratorStreamer` with the generation on a worker thread.
+On a GPU, Llama-family models decode through our own loop (graph_decode.py: fused weights, static
+K/V cache, CUDA graphs, sampling on the device); `answer.decode: transformers` or another architecture
+uses transformers' `generate` with its static cache (and with `answer.compile`, a compiled forward).
+`answer.compile` (on by default) applies on a GPU only.
+Stop sequences end generation early and are cut from the text. Streaming: the fast decoder hands over
+tokens every few steps; `generate` streams through `TextIteratorStreamer` on a worker thread.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", compile: bool = False,
-                 static_cache: bool | None = None):
+                 static_cache: bool | None = None, decode: str = "auto"):
         torch = deps.require("torch", "the transformers generator")
         transformers = deps.require("transformers", "the transformers generator")
         config = check_causal_lm(model)
@@ -73,12 +74,15 @@ class TransformersBackend:
             model, **{_dtype_kwarg(): getattr(torch, DTYPES[dtype])}).to(self.device).eval()
         self.context = int(getattr(config, "max_position_embeddings", 2048))
         self.static_cache = self.device.type == "cuda" if static_cache is None else static_cache
-        if compile:
+        compile = compile and self.device.type == "cuda"   # a GPU option; the CPU runs eagerly
+        self.decoder = _fast_decoder(self.model, self.device, decode, compile)
+        if compile and self.decoder is None:
             self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=False)
         self.compiled = compile
 
     @classmethod
-    def from_model(cls, model, tokenizer, static_cache: bool | None = None) -> TransformersBackend:
+    def from_model(cls, model, tokenizer, static_cache: bool | None = None, decode: str = "auto",
+                   compile: bool = False) -> TransformersBackend:
         """A backend over a model already in memory (benchmarks of random-weight shapes build it on the GPU)."""
         self = cls.__new__(cls)
         self._torch = deps.require("torch", "the transformers generator")
@@ -89,7 +93,8 @@ class TransformersBackend:
         self.device = next(model.parameters()).device
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.static_cache = self.device.type == "cuda" if static_cache is None else static_cache
-        self.compiled = False
+        self.decoder = _fast_decoder(model, self.device, decode, compile and self.device.type == "cuda")
+        self.compiled = self.decoder is not None and self.decoder.compiled
         return self
 
     def count_tokens(self, text: str) -> int:
@@ -125,28 +130,54 @@ class TransformersBackend:
             mask[row, width - len(p.ids):] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _end_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, list) else [configured])
+        return {i for i in ids if i is not None}
+
+    def _cut_at_end(self, ids: list[int]) -> tuple[list[int], bool]:
+        """ids up to the first end-of-sequence id, and whether there was one."""
+        end = self._end_ids()
+        cut = next((i for i, t in enumerate(ids) if t in end), None)
+        return (ids, False) if cut is None else (ids[:cut], True)
+
+    def _fast(self, prompts: list[Prompt], params: SamplingParams, on_tokens=None) -> list[list[int]]:
+        """New token ids per prompt from the fast decoder, stopping rows at an end id or stop string."""
+        decode = self.tokenizer.decode
+
+        def stopped(row: int, ids: list[int]) -> bool:
+            return cut_at_stop(decode(ids, skip_special_tokens=True), params.stop)[1]
+
+        return self.decoder.generate([p.ids for p in prompts], params.max_new_tokens,
+                                     (params.temperature, params.top_k, params.top_p), self._end_ids(),
+                                     stopped if params.stop else None, on_tokens, params.seed)
+
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
-        """Complete a batch of prompts in one `generate` call."""
-        ids, mask = self._inputs(prompts)
-        self._seed(params)
+        """Complete a batch of prompts together (the fast decoder, or one `generate` call)."""
         started = time.perf_counter()
-        with self._torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(params))
+        if self.decoder is not None:
+            news = self._fast(prompts, params)
+        else:
+            ids, mask = self._inputs(prompts)
+            self._seed(params)
+            with self._torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(params))
+            news = [out[row, ids.shape[1]:].tolist() for row in range(len(prompts))]
         total = (time.perf_counter() - started) * 1e3
         results = []
-        for row, p in enumerate(prompts):
-            new = out[row, ids.shape[1]:].tolist()
-            eos = self.tokenizer.eos_token_id
-            ended = eos is not None and eos in new
-            if ended:
-                new = new[:new.index(eos)]
+        for p, new in zip(prompts, news):
+            new, ended = self._cut_at_end(new)
             text, stopped = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), params.stop)
-            results.append(Generation(text, len(p.ids), len(new), None, total,
-                                      "stop" if (stopped or ended) else "length"))
+            finished = stopped or ended or len(new) < params.max_new_tokens
+            results.append(Generation(text, len(p.ids), len(new), None, total, "stop" if finished else "length"))
         return results
 
     def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
         """Text pieces as they are decoded; stop sequences never reach the caller."""
+        if self.decoder is not None:
+            yield from self._stream_fast(prompt, params)
+            return
         transformers = deps.require("transformers", "the transformers generator")
         streamer = transformers.TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                                      timeout=600)
@@ -165,20 +196,77 @@ class TransformersBackend:
 
         worker = threading.Thread(target=work, name="generate", daemon=True)
         worker.start()
-        gate = StopFilter(params.stop)
-        for piece in streamer:
-            out = gate.feed(piece)
-            if out:
-                yield out
-        tail = gate.flush()
-        if tail:
-            yield tail
+        yield from _held_at_stops(streamer, params.stop)
         worker.join()
         if failure:
             raise failure[0]
 
+    def _stream_fast(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
+        """Stream from the fast decoder: it runs on a worker thread and hands over tokens every few steps."""
+        import queue
+
+        pieces: queue.Queue = queue.Queue()
+        sent = [""]
+
+        def on_tokens(ids: list[int], last: bool = False) -> None:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            # Hold back a trailing half character until its other bytes arrive (or generation ends).
+            if len(text) > len(sent[0]) and (last or not text.endswith("\ufffd")):
+                pieces.put(text[len(sent[0]):])
+                sent[0] = text
+
+        def work() -> None:
+            try:
+                on_tokens(self._cut_at_end(self._fast([prompt], params, on_tokens)[0])[0], last=True)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                pieces.put(exc)
+            pieces.put(None)
+
+        def received() -> Iterator[str]:
+            while (piece := pieces.get()) is not None:
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield piece
+
+        worker = threading.Thread(target=work, name="generate", daemon=True)
+        worker.start()
+        yield from _held_at_stops(received(), params.stop)
+        worker.join()
+
     def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+        self.decoder = None
         self.model = None
         if self.device.type == "cuda":
             self._torch.cuda.empty_cache()
 
+
+
+def _fast_decoder(model, device, decode: str, compile: bool = False):
+    """graph_decode.GraphDecoder for this model when the recipe's answer.decode allows it, else None."""
+    if decode not in ("auto", "graph", "transformers"):
+        raise TrtragError(f"unknown answer.decode {decode!r}", "use auto, graph or transformers")
+    if decode == "transformers" or (decode == "auto" and device.type != "cuda"):
+        return None
+    from .graph_decode import GraphDecoder, supports
+
+    reason = supports(model)
+    if reason is None:
+        return GraphDecoder(model, compile=compile)
+    if decode == "graph":
+        raise TrtragError(f"answer.decode is graph, but the fast decoder cannot run this model: {reason}",
+                          "set answer.decode: auto or transformers")
+    return None
+
+
+def _held_at_stops(pieces, stop: tuple[str, ...]) -> Iterator[str]:
+    """The text pieces with stop sequences cut and any possible start of one held back (StopFilter)."""
+    gate = StopFilter(stop)
+    for piece in pieces:
+        out = gate.feed(piece)
+        if out:
+            yield out
+    tail = gate.flush()
+    if tail:
+        yield tail

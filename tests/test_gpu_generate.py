@@ -1,0 +1,61 @@
+"""The fast decoder on a CUDA GPU: CUDA graphs and compilation change speed, not tokens.
+
+Marked `gpu`; skips with the reason without torch and a CUDA GPU. A random 4-layer Llama in float32
+(TF32 off) so that transformers and our loop can be compared token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from trtrag_cli.generators.base import SamplingParams
+from trtrag_cli.generators.prompt import Prompt
+from trtrag_cli.index import torch_gpu_count
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(torch_gpu_count() == 0, reason="needs torch with a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                         eos_token_id=None, pad_token_id=0)
+    vocab = {f"t{i}": i for i in range(512)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+                                  pad_token="t0", unk_token="t1")
+    return LlamaForCausalLM(config).cuda().eval(), tok
+
+
+def _prompts(n_rows, lengths=(37, 300, 5, 129)):
+    import random
+
+    rng = random.Random(1)
+    return [Prompt("", [rng.randrange(2, 512) for _ in range(lengths[i % len(lengths)])], []) for i in range(n_rows)]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_graph_decoder_gives_transformers_tokens(model_and_tokenizer, compile):
+    from trtrag_cli.generators.hf import TransformersBackend
+
+    model, tok = model_and_tokenizer
+    reference = TransformersBackend.from_model(model, tok, decode="transformers", static_cache=False)
+    prompts = _prompts(4)
+    greedy = SamplingParams(max_new_tokens=300)   # crosses a 256-position attention span
+    expected = [reference.generate([p], greedy)[0].text for p in prompts]
+    fast = TransformersBackend.from_model(model, tok, decode="graph", compile=compile)
+    assert fast.decoder.graphs
+    got = fast.generate(prompts, greedy)          # four ragged rows in one batch
+    assert [g.text for g in got] == expected
+    fast.decoder.graphs = False                   # the same loop without graphs: the very same tokens
+    assert [g.text for g in fast.generate(prompts, greedy)] == expected
+    fast.decoder.graphs = True
+    sampled = SamplingParams(max_new_tokens=64, temperature=0.8, top_k=40, top_p=0.9, seed=5)
+    assert fast.generate(prompts[:2], sampled)[0].text == fast.generate(prompts[:2], sampled)[0].text
+    assert "".join(fast.stream(prompts[0], greedy)) == expected[0]
