@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trtrag_cli.bench import cycled  # noqa: E402
 from trtrag_cli.evaluate import percentiles  # noqa: E402
 from trtrag_cli.recipe import load_recipe  # noqa: E402
 
@@ -129,7 +130,7 @@ def main() -> None:
     index_s = time.perf_counter() - t
     print(f"indexed {len(docs)} docs ({full['counts']['chunks_total']} chunks) in {index_s:.1f} s", flush=True)
     questions = [json.loads(line)["query"] for line in open(args.queries, encoding="utf-8") if line.strip()]
-    questions = (questions * (args.asks // max(1, len(questions)) + 1))[: args.asks]
+    questions = cycled(questions, args.asks)
     stages: dict[str, list[float]] = {}
     wall = []
     with Pipeline(recipe) as pipe:

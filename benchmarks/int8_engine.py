@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trtrag_cli.bench import cycled  # noqa: E402
 from trtrag_cli.recipe import load_recipe  # noqa: E402
 
 
@@ -140,7 +141,7 @@ def main() -> None:
                                                  "run_tokens", "build_seconds")}
 
     holdout = (Path(args.workspace) / "default" / "calibration" / HOLDOUT).read_text().splitlines()
-    queries = (holdout * (args.speed_queries // max(1, len(holdout)) + 1))[:args.speed_queries]
+    queries = cycled(holdout, args.speed_queries)
     docs = read_texts(args.docs, args.speed_docs, offset=5000)
     ws = Workspace(fp32.workspace_dir())
     report["speed"] = speed({"fp32": lambda: open_recipe_encoder(fp32, ws),

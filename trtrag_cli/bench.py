@@ -34,10 +34,16 @@ STAGES = ("encode", "search", "rerank", "total")
 
 
 def percentiles(samples_s: list[float]) -> dict:
-    """P50/P90/P99 and mean in ms of samples in seconds."""
-    ms = np.asarray(samples_s, dtype=np.float64) * 1e3
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
-            "p99_ms": round(float(np.percentile(ms, 99)), 4), "mean_ms": round(float(ms.mean()), 4), "n": len(ms)}
+    """P50/P90/P99 and mean in ms of samples in seconds (evaluate.percentiles, keyed for the JSON)."""
+    from .evaluate import percentiles as ms_percentiles
+
+    stats = ms_percentiles([s * 1e3 for s in samples_s], digits=4)
+    return {**{f"{k}_ms": v for k, v in stats.items()}, "n": len(samples_s)}
+
+
+def cycled(items: list, n: int) -> list:
+    """The first n items of items repeated (a fixed amount of work from a shorter list)."""
+    return (items * (n // max(1, len(items)) + 1))[:n]
 
 
 def timed(fn: Callable[[], object], reps: int, warmup: int = 3, budget_s: float = 20.0) -> list[float]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import deps
 from .artifacts import Workspace, library_versions, read_json, sha256_file, write_json
+from .bench import cycled
 from .errors import TrtragError
 from .recipe import Recipe
 
@@ -178,7 +179,7 @@ def _best_run_tokens(probe, path: Path, passages: list[str]) -> dict:
     """
     from .quantize import gate
 
-    texts = (passages * (256 // max(1, len(passages)) + 1))[:256]
+    texts = cycled(passages, 256)
     times = {}
     for tokens in RUN_TOKEN_CHOICES:
         with gate.open_candidate(probe, path) as enc:
@@ -196,7 +197,7 @@ def _best_run_tokens(probe, path: Path, passages: list[str]) -> dict:
 
 def _time(encoder, texts: list[str]) -> dict:
     """ms per text at batch 1 and batch 64 (medians of 3), for choosing a form by measurement."""
-    texts = (texts * (TIMING_QUERIES // max(1, len(texts)) + 1))[:TIMING_QUERIES]
+    texts = cycled(texts, TIMING_QUERIES)
     encoder.encode(texts[:8], batch_size=8)
     one, many = [], []
     for _ in range(3):

@@ -62,11 +62,11 @@ def score_query(ranked: list[str], relevant: list[str]) -> dict[str, float]:
     return out
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float], digits: int = 3) -> dict[str, float]:
     """P50/P90/P99 and mean of a list of milliseconds."""
     a = np.asarray(values, dtype=np.float64)
-    return {"p50": round(float(np.percentile(a, 50)), 3), "p90": round(float(np.percentile(a, 90)), 3),
-            "p99": round(float(np.percentile(a, 99)), 3), "mean": round(float(a.mean()), 3)}
+    return {"p50": round(float(np.percentile(a, 50)), digits), "p90": round(float(np.percentile(a, 90)), digits),
+            "p99": round(float(np.percentile(a, 99)), digits), "mean": round(float(a.mean()), digits)}
 
 
 def run_eval(recipe: Recipe, queries_path: Path, modes: list[str] | None = None,
