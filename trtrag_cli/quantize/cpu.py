@@ -81,7 +81,8 @@ def build_static(fused: Path, dst: Path, keep_float_plain, ranges: dict[str, flo
 
     fused_model = onnx.load(str(fused))
     folded = _fold_into_attention(fused_model, list(smoothings))
-    fused_model = smooth.apply(fused_model, [sm for sm in smoothings if sm not in folded])
+    in_v = {sm.activation for sm in folded}
+    fused_model = smooth.apply(fused_model, [sm for sm in smoothings if sm.activation not in in_v])
     exclude = fused_node_names(fused_model, keep_float_plain)
     amax = _fused_ranges(fused_model, ranges, qkv_inputs)
     amax.update({sm.activation: ranges[sm.output] for sm in folded})  # that tensor now is the smoothed one
@@ -159,6 +160,16 @@ def _fold_into_attention(model, smoothings: list) -> list:
     return folded
 
 
+def _links(nodes: list) -> tuple[dict, dict]:
+    """The node producing each tensor, and the nodes reading each tensor."""
+    producer = {out: n for n in nodes for out in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    return producer, consumers
+
+
 def _fuse_integer_matmuls(nodes: list) -> list:
     """MatMulInteger -> Cast -> Mul(a_scale x b_scale) chains become one MatMulIntegerToFloat.
 
@@ -167,11 +178,7 @@ def _fuse_integer_matmuls(nodes: list) -> list:
     """
     from onnx import helper
 
-    producer = {out: n for n in nodes for out in n.output}
-    consumers: dict[str, list] = {}
-    for n in nodes:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
+    producer, consumers = _links(nodes)
     dropped, replaced = set(), {}
     for mm in nodes:
         if mm.op_type != "MatMulInteger" or len(mm.input) != 4:
@@ -200,11 +207,7 @@ def _fold_biases(nodes: list, constants: set[str]) -> list:
     """
     from onnx import helper
 
-    producer = {out: n for n in nodes for out in n.output}
-    consumers: dict[str, int] = {}
-    for n in nodes:
-        for name in n.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    producer, consumers = _links(nodes)
     out = []
     for node in nodes:
         if node.op_type not in ("Add", "BiasGelu") or len(node.input) != 2 or node.input[1] not in constants:
@@ -212,7 +215,7 @@ def _fold_biases(nodes: list, constants: set[str]) -> list:
             continue
         y, bias = node.input
         mm = producer.get(y)
-        if (mm is None or mm.op_type != "MatMulIntegerToFloat" or consumers.get(y) != 1
+        if (mm is None or mm.op_type != "MatMulIntegerToFloat" or len(consumers.get(y, [])) != 1
                 or any(mm.input[6:7])):
             out.append(node)
             continue
