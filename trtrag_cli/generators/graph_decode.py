@@ -33,6 +33,11 @@ LENGTH_STEP = 256          # cache lengths are rounded up to this, so a few grap
 CHECK_EVERY = 8            # decode steps between host checks for end of sequence and stop strings
 
 
+def _rounded(length: int) -> int:
+    """length rounded up to a multiple of LENGTH_STEP."""
+    return -(-length // LENGTH_STEP) * LENGTH_STEP
+
+
 def supports(model) -> str | None:
     """None when the decoder can run `model`, else why not (the caller falls back to `generate`)."""
     cfg = model.config
@@ -166,7 +171,7 @@ class GraphDecoder:
 
     def _ensure_cache(self, batch: int, length: int) -> None:
         torch = self.torch
-        length = min(self.context, -(-length // LENGTH_STEP) * LENGTH_STEP)
+        length = min(self.context, _rounded(length))
         if self._cache is not None:
             have_batch, _, have_length, _ = self._cache[0][0].shape
             if have_batch >= batch and have_length >= length:
@@ -299,7 +304,7 @@ class GraphDecoder:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: tuple = (0.0, 0, 1.0),
                  stop_ids: set[int] | frozenset = frozenset(), should_stop=None, on_tokens=None,
                  seed: int | None = None) -> list[list[int]]:
-        """New token ids for each prompt (cut after an end id), decoding all rows together.
+        """New token ids for each prompt (ending before any end id), decoding all rows together.
 
         should_stop(row, ids) -> bool ends a row early (stop strings); on_tokens(ids_so_far) is called with
         the first row's ids whenever new ones are known (streaming, first token included). A seed is set
@@ -341,7 +346,7 @@ class GraphDecoder:
                     if all(done) or step == max_new_tokens:
                         break
                 # The token decoded now sits at position longest + step - 1 at most.
-                span = min(capacity, -(-(longest + step) // LENGTH_STEP) * LENGTH_STEP)
+                span = min(capacity, _rounded(longest + step))
                 if self.graphs:
                     self._graph(batch, span, sampling).replay()
                 else:

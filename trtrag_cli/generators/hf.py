@@ -53,49 +53,44 @@ class TransformersBackend:
                  static_cache: bool | None = None, decode: str = "auto"):
         torch = deps.require("torch", "the transformers generator")
         transformers = deps.require("transformers", "the transformers generator")
-        config = check_causal_lm(model)
-        self._torch = torch
+        check_causal_lm(model)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise TrtragError("answer.device asks for CUDA but no CUDA GPU is visible",
                               "set answer.device: auto or cpu")
-        self.device = torch.device(device)
         if dtype == "auto":
-            dtype = "bf16" if self.device.type == "cuda" else "fp32"
+            dtype = "bf16" if device.startswith("cuda") else "fp32"
         if dtype not in DTYPES:
             raise TrtragError(f"unknown answer.dtype {dtype!r}", "use auto, fp32, fp16 or bf16")
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-        self.tokenizer.padding_side = "left"  # batched prompts end where generation starts
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
         transformers.utils.logging.disable_progress_bar()
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            model, **{_dtype_kwarg(): getattr(torch, DTYPES[dtype])}).to(self.device).eval()
-        self.context = int(getattr(config, "max_position_embeddings", 2048))
-        self.static_cache = self.device.type == "cuda" if static_cache is None else static_cache
-        compile = compile and self.device.type == "cuda"   # a GPU option; the CPU runs eagerly
-        self.decoder = _fast_decoder(self.model, self.device, decode, compile)
-        if compile and self.decoder is None:
-            self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead", fullgraph=False)
-        self.compiled = compile
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            model, **{_dtype_kwarg(): getattr(torch, DTYPES[dtype])}).to(device).eval()
+        self._attach(loaded, tokenizer, torch.device(device), static_cache, decode, compile)
 
     @classmethod
     def from_model(cls, model, tokenizer, static_cache: bool | None = None, decode: str = "auto",
                    compile: bool = False) -> TransformersBackend:
         """A backend over a model already in memory (benchmarks of random-weight shapes build it on the GPU)."""
         self = cls.__new__(cls)
-        self._torch = deps.require("torch", "the transformers generator")
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device = next(model.parameters()).device
-        self.context = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.static_cache = self.device.type == "cuda" if static_cache is None else static_cache
-        self.decoder = _fast_decoder(model, self.device, decode, compile and self.device.type == "cuda")
-        self.compiled = self.decoder is not None and self.decoder.compiled
+        self._attach(model.eval(), tokenizer, next(model.parameters()).device, static_cache, decode, compile)
         return self
+
+    def _attach(self, model, tokenizer, device, static_cache: bool | None, decode: str, compile: bool) -> None:
+        """Everything around a loaded model: left padding, context, KV cache, which decode loop, compilation."""
+        torch = self._torch = deps.require("torch", "the transformers generator")
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        tokenizer.padding_side = "left"  # batched prompts end where generation starts
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.static_cache = device.type == "cuda" if static_cache is None else static_cache
+        compile = compile and device.type == "cuda"   # a GPU option; the CPU runs eagerly
+        self.decoder = _fast_decoder(model, device, decode, compile)
+        if compile and self.decoder is None:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+        self.compiled = compile
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -217,7 +212,7 @@ class TransformersBackend:
 
         def work() -> None:
             try:
-                on_tokens(self._cut_at_end(self._fast([prompt], params, on_tokens)[0])[0], last=True)
+                on_tokens(self._fast([prompt], params, on_tokens)[0], last=True)  # ends before any end id
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 pieces.put(exc)
             pieces.put(None)
