@@ -5,8 +5,10 @@ baseline script does the same). Prints and writes JSON: TTFT (prefill and the fi
 backend's generate with one new token) at 512/1024/2048 prompt tokens, and decode tokens/s at batch 1
 and 8 (128 new tokens after a 1024-token prompt, minus that prompt's TTFT), per variant
 (trtrag_cli/bench.py bench_generation, which `trtrag bench --generate` runs on the recipe's generator):
-  graph           our decode loop (generators/graph_decode.py), CUDA graphs, eager kernels
-  graph_compiled  the same with its layer functions compiled (answer.compile: true)
+  kernels         our decode loop (generators/graph_decode.py), CUDA graphs, its Triton decode kernels
+                  (generators/decode_kernels.py) and the compiled prefill: what a recipe runs by default
+  graph           our decode loop with torch layer functions, eager (answer.compile: false, kernels: false)
+  graph_compiled  the same with its layer functions compiled (answer.compile: true, kernels: false)
   static          transformers' generate with its static cache (answer.decode: transformers)
   dynamic         transformers' generate with its default dynamic cache
 Run it in the same device call as ../shared/device/baselines/llm_baseline.py.
@@ -41,13 +43,13 @@ def _kernels(prof, top_n: int = 12) -> dict:
             "top": [{"name": k, "count": v[0], "ms": round(v[1], 3)} for k, v in top]}
 
 
-def profile_step(model, tok, compile: bool) -> dict:
+def profile_step(model, tok, compile: bool, kernels: bool) -> dict:
     """Kernels of our prefill (1024 tokens) and of one decode step after it (batch 1, not in a graph)."""
     import torch
 
     from trtrag_cli.generators.hf import TransformersBackend
 
-    backend = TransformersBackend.from_model(model, tok, decode="graph", compile=compile)
+    backend = TransformersBackend.from_model(model, tok, decode="graph", compile=compile, kernels=kernels)
     dec = backend.decoder
     dec._ensure_cache(1, 1152)
     greedy = (0.0, 0, 1.0)
@@ -78,8 +80,10 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True, help="a folder with tokenizer.json (ids are random anyway)")
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("gpu-generation.json"))
-    ap.add_argument("--profile", action="store_true", help="kernel times of one eager decode step (batch 1)")
-    ap.add_argument("--variants", default="graph,graph_compiled,static", help="which decode paths to time")
+    ap.add_argument("--profile", default="", help="eager,compiled,kernels: kernel times of the prefill and of one "
+                    "decode step (batch 1) for these paths")
+    ap.add_argument("--variants", default="kernels,graph_compiled,static", help="which decode paths to time")
+    ap.add_argument("--tiles", type=Path, help="gpu_kernels.py's JSON: use its best matvec tile per shape")
     args = ap.parse_args()
 
     import torch
@@ -98,7 +102,15 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     report = {"gpu": torch.cuda.get_device_name(0), "params_b": round(params / 1e9, 2), "torch": torch.__version__}
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    settings = {"graph": {"decode": "graph"}, "graph_compiled": {"decode": "graph", "compile": True},
+    if args.tiles:
+        from trtrag_cli.generators import decode_kernels
+
+        for shape, tile in json.loads(args.tiles.read_text())["best_tiles"].items():
+            decode_kernels.TILES[tuple(int(v) for v in shape.split("x"))] = tuple(int(v) for v in tile.split("x"))
+        report["tiles"] = {str(k): v for k, v in decode_kernels.TILES.items()}
+    settings = {"kernels": {"decode": "graph", "compile": True},
+                "graph": {"decode": "graph", "kernels": False},
+                "graph_compiled": {"decode": "graph", "compile": True, "kernels": False},
                 "static": {"decode": "transformers", "static_cache": True},
                 "dynamic": {"decode": "transformers", "static_cache": False}}
     for label in args.variants.split(","):
@@ -111,7 +123,8 @@ def main() -> None:
         backend.close()
         torch.cuda.reset_peak_memory_stats()
     if args.profile:
-        report["profile"] = {label: profile_step(model, tok, label == "compiled") for label in ("eager", "compiled")}
+        report["profile"] = {label: profile_step(model, tok, label != "eager", label == "kernels")
+                             for label in args.profile.split(",")}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
 

@@ -40,8 +40,9 @@ def _prompts(n_rows, lengths=(37, 300, 5, 129)):
     return [Prompt("", [rng.randrange(2, 512) for _ in range(lengths[i % len(lengths)])], []) for i in range(n_rows)]
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_graph_decoder_gives_transformers_tokens(model_and_tokenizer, compile):
+@pytest.mark.parametrize("compile,kernels", [(False, False), (True, False), (True, True)],
+                         ids=["torch-layers", "compiled-layers", "triton-kernels"])
+def test_graph_decoder_gives_transformers_tokens(model_and_tokenizer, compile, kernels):
     from trtrag_cli.generators.hf import TransformersBackend
 
     model, tok = model_and_tokenizer
@@ -49,8 +50,9 @@ def test_graph_decoder_gives_transformers_tokens(model_and_tokenizer, compile):
     prompts = _prompts(4)
     greedy = SamplingParams(max_new_tokens=300)   # crosses a 256-position attention span
     expected = [reference.generate([p], greedy)[0].text for p in prompts]
-    fast = TransformersBackend.from_model(model, tok, decode="graph", compile=compile)
+    fast = TransformersBackend.from_model(model, tok, decode="graph", compile=compile, kernels=kernels)
     assert fast.decoder.graphs
+    assert (fast.decoder.kernels is not None) == kernels   # torch on a GPU brings triton
     got = fast.generate(prompts, greedy)          # four ragged rows in one batch
     assert [g.text for g in got] == expected
     fast.decoder.graphs = False                   # the same loop without graphs: the very same tokens

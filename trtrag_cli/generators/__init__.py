@@ -30,7 +30,7 @@ def open_backend(answer):
         from .hf import TransformersBackend
 
         return TransformersBackend(answer.model, answer.device, answer.dtype, answer.compile,
-                                   decode=answer.decode)
+                                   decode=answer.decode, kernels=answer.kernels)
     if answer.generator == "openai":
         from .openai_node import OpenAIBackend
 

@@ -43,7 +43,9 @@ def build_generator(recipe) -> dict:
             if hasattr(backend, key):
                 report[key] = str(getattr(backend, key))
         if answer.generator == "transformers":
-            report["decode"] = "graph" if backend.decoder is not None else "transformers generate"
+            decoder = backend.decoder
+            report["decode"] = ("transformers generate" if decoder is None else
+                                "graph, Triton kernels" if decoder.kernels is not None else "graph, torch layers")
         if answer.generator == "tensorrt-llm":
             from .trtllm import serve_command
 

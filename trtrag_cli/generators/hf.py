@@ -50,7 +50,7 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", compile: bool = False,
-                 static_cache: bool | None = None, decode: str = "auto"):
+                 static_cache: bool | None = None, decode: str = "auto", kernels: bool = True):
         torch = deps.require("torch", "the transformers generator")
         transformers = deps.require("transformers", "the transformers generator")
         check_causal_lm(model)
@@ -67,17 +67,19 @@ class TransformersBackend:
         transformers.utils.logging.disable_progress_bar()
         loaded = transformers.AutoModelForCausalLM.from_pretrained(
             model, **{_dtype_kwarg(): getattr(torch, DTYPES[dtype])}).to(device).eval()
-        self._attach(loaded, tokenizer, torch.device(device), static_cache, decode, compile)
+        self._attach(loaded, tokenizer, torch.device(device), static_cache, decode, compile, kernels)
 
     @classmethod
     def from_model(cls, model, tokenizer, static_cache: bool | None = None, decode: str = "auto",
-                   compile: bool = False) -> TransformersBackend:
+                   compile: bool = False, kernels: bool = True) -> TransformersBackend:
         """A backend over a model already in memory (benchmarks of random-weight shapes build it on the GPU)."""
         self = cls.__new__(cls)
-        self._attach(model.eval(), tokenizer, next(model.parameters()).device, static_cache, decode, compile)
+        self._attach(model.eval(), tokenizer, next(model.parameters()).device, static_cache, decode, compile,
+                     kernels)
         return self
 
-    def _attach(self, model, tokenizer, device, static_cache: bool | None, decode: str, compile: bool) -> None:
+    def _attach(self, model, tokenizer, device, static_cache: bool | None, decode: str, compile: bool,
+                kernels: bool) -> None:
         """Everything around a loaded model: left padding, context, KV cache, which decode loop, compilation."""
         torch = self._torch = deps.require("torch", "the transformers generator")
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -87,7 +89,7 @@ class TransformersBackend:
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.static_cache = device.type == "cuda" if static_cache is None else static_cache
         compile = compile and device.type == "cuda"   # a GPU option; the CPU runs eagerly
-        self.decoder = _fast_decoder(model, device, decode, compile)
+        self.decoder = _fast_decoder(model, device, decode, compile, kernels)
         if compile and self.decoder is None:
             model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
         self.compiled = compile
@@ -238,7 +240,7 @@ class TransformersBackend:
 
 
 
-def _fast_decoder(model, device, decode: str, compile: bool = False):
+def _fast_decoder(model, device, decode: str, compile: bool = False, kernels: bool = True):
     """graph_decode.GraphDecoder for this model when the recipe's answer.decode allows it, else None."""
     if decode not in ("auto", "graph", "transformers"):
         raise TrtragError(f"unknown answer.decode {decode!r}", "use auto, graph or transformers")
@@ -248,7 +250,7 @@ def _fast_decoder(model, device, decode: str, compile: bool = False):
 
     reason = supports(model)
     if reason is None:
-        return GraphDecoder(model, compile=compile)
+        return GraphDecoder(model, compile=compile, kernels=kernels)
     if decode == "graph":
         raise TrtragError(f"answer.decode is graph, but the fast decoder cannot run this model: {reason}",
                           "set answer.decode: auto or transformers")

@@ -1,0 +1,106 @@
+"""decode_kernels against torch: the Triton matrix-vector kernel (RMSNorm, SwiGLU, bias, K splits added
+into the residual) and the fused RoPE / cache-write / chunked attention kernel.
+
+On a CUDA GPU the kernels run compiled (bf16 and float32); without one they run in Triton's interpreter
+on the CPU (float32 and float16: the interpreter does not handle bf16), so the arithmetic is checked on
+every machine that has triton. Skips with the reason where triton is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+CUDA = torch.cuda.is_available()
+if not CUDA:   # triton reads this when it is first imported; nothing else here runs triton on a CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed (torch's CUDA wheels bring it)")
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def dk():
+    from trtrag_cli.generators import decode_kernels
+
+    return decode_kernels
+
+
+def _close(got, want, dtype):
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(got.float(), want, atol=tolerance, rtol=tolerance), (got.float() - want).abs().max()
+
+
+def _rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float32) * scale).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile", [(32, 64, 4, 1), (16, 32, 2, 3)], ids=["whole-rows", "three-k-splits"])
+def test_matvec_prologues_and_epilogues(dk, dtype, tile):
+    torch.manual_seed(0)
+    n, k = 96, 160                        # not a multiple of the tile: the masks are exercised
+    x, w = _rand(k, dtype=dtype), _rand(n, k, dtype=dtype, scale=0.1)
+    bias, gain = _rand(n, dtype=dtype), _rand(k, dtype=dtype)
+    xf, wf = x.float(), w.float()
+    _close(dk.matvec(x, w, bias=bias, tile=tile), wf @ xf + bias.float(), dtype)
+    normed = xf * torch.rsqrt(xf.pow(2).mean() + 1e-5) * gain.float()
+    _close(dk.matvec(x, w, gain=gain, eps=1e-5, tile=tile), wf @ normed, dtype)
+
+    residual = _rand(n, dtype=torch.float32)          # the float32 residual stream, added into in place
+    expected = residual + wf @ xf
+    assert dk.matvec(x, w, out=residual, tile=tile) is residual
+    _close(residual, expected, dtype)
+    expected = residual + wf @ xf
+    dk.matvec(x, w, out=residual, tile=tile)
+    _close(residual, expected, dtype)               # twice: added to what is there, not stored
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile", [(32, 64, 4, 1), (8, 32, 2, 1)], ids=["wide", "narrow"])
+def test_matvec_swiglu_pairs_gate_and_up_rows(dk, dtype, tile):
+    torch.manual_seed(3)
+    n, k = 72, 160
+    x, gate_up, gain = _rand(k, dtype=dtype), _rand(2 * n, k, dtype=dtype, scale=0.1), _rand(k, dtype=dtype)
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean() + 1e-5) * gain.float()
+    gate, up = gate_up.float()[:n] @ normed, gate_up.float()[n:] @ normed
+    got = dk.matvec(x, gate_up, gain=gain, eps=1e-5, swiglu=True, tile=tile)
+    assert got.shape == (n,)
+    _close(got, torch.nn.functional.silu(gate) * up, dtype)
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_attention_matches_torch(dk, dtype):
+    torch.manual_seed(2)
+    heads, kv_heads, dim, length, scale = 4, 2, 16, 80, 0.25
+    positions = torch.tensor([5, 66, 0, 63, 64], device=DEVICE)    # first, last and either side of a chunk edge
+    qkv = _rand(5, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    cos, sin = _rand(100, dim, dtype=dtype), _rand(100, dim, dtype=dtype)
+    k_cache, v_cache = _rand(6, kv_heads, length, dim, dtype=dtype), _rand(6, kv_heads, length, dim, dtype=dtype)
+    k_want, v_want = k_cache.float(), v_cache.float()
+    qs, ks, vs = qkv.float().split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    expected = []
+    for row, at in enumerate(positions.tolist()):
+        c, s = cos[at].float(), sin[at].float()
+        k_want[row, :, at] = _rotate(ks[row].view(kv_heads, dim), c, s)
+        v_want[row, :, at] = vs[row].view(kv_heads, dim)
+        keys = k_want[row, :, :at + 1].repeat_interleave(heads // kv_heads, 0)
+        values = v_want[row, :, :at + 1].repeat_interleave(heads // kv_heads, 0)
+        q = _rotate(qs[row].view(heads, dim), c, s) * scale
+        expected.append(torch.einsum("hl,hld->hd", torch.softmax(torch.einsum("hd,hld->hl", q, keys), -1),
+                                     values).reshape(-1))
+    counts = torch.zeros(5 * heads, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):   # twice: the chunk counters must be left at zero for the next call
+        got = dk.fused_attention(qkv, cos, sin, positions, k_cache, v_cache, counts, 80, scale, heads, chunk=16)
+        _close(got, torch.stack(expected), dtype)
+        _close(k_cache, k_want, dtype)                # the new k and v at each row's position, nothing else
+        _close(v_cache, v_want, dtype)
+        assert not counts.any()
