@@ -6,11 +6,12 @@ Prints and writes JSON:
   - per weight shape at batch 1: cuBLAS (F.linear) and decode_kernels.matvec as the decode step calls it
     (RMSNorm folded in for Q/K/V, gate/up and the head; SwiGLU for gate/up; added into the float32
     residual for the output and down projections) for every tile in --tiles (BLOCK_N x BLOCK_K x warps x
-    K splits), with microseconds per call and the weight bytes read per second;
+    K splits x halves, see decode_kernels.TILES), with microseconds per call and the weight bytes read
+    per second;
   - attention over a 1,280-position span (row position 1,087): SDPA with a mask (the torch layer),
     and decode_kernels.fused_attention for a few chunk sizes and warp counts.
 
-Usage: python benchmarks/gpu_kernels.py [--out gpu-kernels.json] [--tiles 8x512x4x1,8x512x4x4]
+Usage: python benchmarks/gpu_kernels.py [--out gpu-kernels.json] [--tiles 8x512x4x1x1,8x256x4x1x2]
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ HIDDEN, INTER, HEADS, HEAD_DIM, VOCAB = 5120, 13824, 40, 128, 32000
 SHAPES = {"qkv": (3 * HIDDEN, HIDDEN, "norm"), "o": (HIDDEN, HIDDEN, "residual"),
           "gate_up": (2 * INTER, HIDDEN, "swiglu"), "down": (HIDDEN, INTER, "residual"),
           "head": (VOCAB, HIDDEN, "norm")}
-TILES = ",".join(f"{n}x{k}x{w}x{s}" for n, k, w, s in [
-    (4, 256, 4, 1), (4, 512, 4, 1), (8, 256, 4, 1), (8, 256, 8, 1), (8, 512, 4, 1), (16, 256, 4, 1),
-    (4, 512, 4, 4), (8, 256, 4, 4), (8, 256, 4, 8), (8, 512, 4, 2), (16, 256, 4, 4)])
+TILES = ",".join("x".join(map(str, tile)) for tile in [
+    (4, 256, 4, 1, 1), (4, 512, 4, 1, 1), (8, 256, 4, 1, 1), (8, 256, 8, 1, 1), (8, 512, 4, 1, 1),
+    (16, 256, 4, 1, 1), (4, 256, 4, 1, 2), (8, 256, 4, 1, 2), (4, 512, 4, 1, 2), (4, 512, 4, 4, 1),
+    (8, 256, 4, 4, 1), (8, 256, 4, 8, 1), (8, 512, 4, 2, 1), (16, 256, 4, 4, 1), (8, 256, 4, 4, 2),
+    (8, 512, 4, 1, 2)])
 
 
 def graph_time_us(fn, calls: int, reps: int = 20) -> float:
@@ -87,8 +90,8 @@ def bench_matrices(tiles: list[tuple]) -> dict:
         else:
             reference = weights[0].float() @ normed
         for tile in tiles:
-            if tile[3] > 1 and kind != "residual":
-                continue                        # RMSNorm needs whole rows: splits do not apply
+            if tile[3] > 1 and kind != "residual" or tile[4] == 1 and kind == "swiglu":
+                continue                        # RMSNorm needs whole rows; SwiGLU always pairs gate and up
             scratch = residual.clone()
 
             def ours(i, tile=tile, scratch=scratch):
@@ -162,7 +165,7 @@ def bench_attention(span: int = 1280, position: int = 1087, chunks=(64, 128, 256
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("gpu-kernels.json"))
-    ap.add_argument("--tiles", default=TILES, help="BLOCK_NxBLOCK_KxWARPSxSPLITS, comma-separated")
+    ap.add_argument("--tiles", default=TILES, help="BLOCK_NxBLOCK_KxWARPSxSPLITSxHALVES, comma-separated")
     ap.add_argument("--skip", default="", help="matrices,attention: parts to leave out")
     args = ap.parse_args()
 

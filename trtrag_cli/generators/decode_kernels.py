@@ -29,22 +29,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# (BLOCK_N, BLOCK_K, warps, K splits) per weight shape [N, K] (for SwiGLU, N is the gate's rows): the
-# fastest of benchmarks/gpu_kernels.py's sweep on an H200 for the Llama-2-13B shapes. Other shapes get
-# _tile's rule, which follows the same results.
-TILES: dict[tuple[int, int], tuple[int, int, int, int]] = {
-    (15360, 5120): (8, 256, 4, 1), (5120, 5120): (8, 512, 4, 1), (13824, 5120): (4, 256, 4, 1),
-    (5120, 13824): (16, 256, 4, 4), (32000, 5120): (8, 256, 4, 1)}
+# (BLOCK_N, BLOCK_K, warps, K splits, halves) per weight shape [N, K] (for SwiGLU, N is the gate's rows):
+# the fastest of benchmarks/gpu_kernels.py's sweep on an H200 for the Llama-2-13B shapes. halves = 2: each
+# program sums BLOCK_N rows of the matrix's first half and the same rows of its second half (SwiGLU's
+# gate and up always). Other shapes get _tile's rule, which follows the same results.
+TILES: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+    (15360, 5120): (8, 256, 4, 1, 1), (5120, 5120): (8, 512, 4, 1, 1), (13824, 5120): (4, 256, 4, 1, 2),
+    (5120, 13824): (8, 256, 4, 4, 2), (32000, 5120): (8, 256, 4, 1, 1)}
 
 
-def _tile(n: int, k: int, accumulate: bool, swiglu: bool) -> tuple[int, int, int, int]:
+def _tile(n: int, k: int, accumulate: bool, swiglu: bool) -> tuple[int, int, int, int, int]:
     if (n, k) in TILES:
         return TILES[n, k]
-    if swiglu:                    # two row blocks per program already
-        return 4, 256, 4, 1
+    if swiglu:
+        return 4, 256, 4, 1, 2
     if accumulate:                # narrow matrices: long ones split K so that enough programs run
-        return (8, 512, 4, 1) if k <= 8192 else (16, 256, 4, -(-k // 4096))
-    return 8, 256, 4, 1
+        return (8, 512, 4, 1, 1) if k <= 8192 else (16, 256, 4, -(-k // 4096), 1)
+    return 8, 256, 4, 1, 1
 
 
 @triton.jit
@@ -58,22 +59,22 @@ def _await_previous(PDL: tl.constexpr):
 
 @triton.jit
 def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, N, K, span, eps, RMSNORM: tl.constexpr,
-                   SWIGLU: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   PAIRED: tl.constexpr, SWIGLU: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     first = tl.program_id(1) * span
     last = tl.minimum(first + span, K)
     col_ok = cols < N
     rows = w_ptr + cols[:, None] * K
-    ups = rows + N * K                         # SWIGLU: the up projection's rows follow the gate's N
+    pairs = rows + N * K                       # PAIRED: the same rows of the second half (SwiGLU: up)
     ks = first + tl.arange(0, BLOCK_K)
     tile_ok = col_ok[:, None] & (ks < last)[None, :]
     w = tl.load(rows + ks[None, :], mask=tile_ok, other=0.0)        # weights only before the wait
-    if SWIGLU:
-        u = tl.load(ups + ks[None, :], mask=tile_ok, other=0.0)
+    if PAIRED:
+        u = tl.load(pairs + ks[None, :], mask=tile_ok, other=0.0)
     _await_previous(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_pair = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     squares = tl.zeros((BLOCK_K,), tl.float32)
     for start in range(first, last, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
@@ -81,27 +82,35 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, N, K, span, eps, R
         coming = ks + BLOCK_K                  # the next tiles are in flight while these are summed
         next_ok = col_ok[:, None] & (coming < last)[None, :]
         w_next = tl.load(rows + coming[None, :], mask=next_ok, other=0.0)
-        if SWIGLU:
-            u_next = tl.load(ups + coming[None, :], mask=next_ok, other=0.0)
+        if PAIRED:
+            u_next = tl.load(pairs + coming[None, :], mask=next_ok, other=0.0)
         x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         if RMSNORM:   # the gain now, 1/rms at the end
             squares += x * x
             x = x * tl.load(gain_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
         w = w_next
-        if SWIGLU:
-            acc_up += u.to(tl.float32) * x[None, :]
+        if PAIRED:
+            acc_pair += u.to(tl.float32) * x[None, :]
             u = u_next
     y = tl.sum(acc, 1)
+    y_pair = tl.sum(acc_pair, 1)
     if RMSNORM:
-        y = y / tl.sqrt(tl.sum(squares, 0) / K + eps)
+        inverse_rms = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
+        y = y * inverse_rms
+        y_pair = y_pair * inverse_rms
     if SWIGLU:
-        up = tl.sum(acc_up, 1)
-        if RMSNORM:
-            up = up / tl.sqrt(tl.sum(squares, 0) / K + eps)
-        y = y / (1.0 + tl.exp(-y)) * up
+        y = y / (1.0 + tl.exp(-y)) * y_pair
+    _matvec_store(out_ptr, bias_ptr, cols, col_ok, y, ACCUMULATE, HAS_BIAS)
+    if PAIRED and not SWIGLU:
+        _matvec_store(out_ptr, bias_ptr, cols + N, col_ok, y_pair, ACCUMULATE, HAS_BIAS)
+
+
+@triton.jit
+def _matvec_store(out_ptr, bias_ptr, cols, col_ok, y, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_ok & (tl.program_id(1) == 0), other=0.0).to(tl.float32)
+        if tl.program_id(1) == 0:              # the first K split adds it
+            y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if ACCUMULATE:
         tl.atomic_add(out_ptr + cols, y, mask=col_ok, sem="relaxed")
     else:
@@ -124,23 +133,25 @@ def matvec(x, weight, *, out=None, bias=None, gain=None, eps: float = 1e-6, swig
     gain: RMSNorm x first (with this gain and eps); bias: added after. swiglu: weight holds the gate's rows
     and then the up projection's, and the result is SiLU(gate x) * (up x), [N / 2]. out: a float32 vector
     to add the result into (the residual stream; K splits add there atomically); without it a new vector
-    in weight's dtype. x and weight must be contiguous.
+    in weight's dtype. x and weight must be contiguous. tile: see TILES.
     """
     import torch
 
     n, k = weight.shape
     n = n // 2 if swiglu else n
-    block_n, block_k, warps, splits = tile or _tile(n, k, out is not None, swiglu)
+    block_n, block_k, warps, splits, halves = tile or _tile(n, k, out is not None, swiglu)
+    paired = swiglu or (halves == 2 and n % 2 == 0)
     if out is None or gain is not None:
         splits = 1                           # a plain store, and RMSNorm needs the whole row
     span = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, span)
     result = out if out is not None else torch.empty(n, dtype=weight.dtype, device=weight.device)
+    rows = n // 2 if paired and not swiglu else n
     pdl = _pdl(weight)
-    _matvec_kernel[(triton.cdiv(n, block_n), splits)](
-        x, weight, result, result if bias is None else bias, result if gain is None else gain, n, k, span, eps,
-        RMSNORM=gain is not None, SWIGLU=swiglu, ACCUMULATE=out is not None, HAS_BIAS=bias is not None, PDL=pdl,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, launch_pdl=pdl)
+    _matvec_kernel[(triton.cdiv(rows, block_n), splits)](
+        x, weight, result, result if bias is None else bias, result if gain is None else gain, rows, k, span,
+        eps, RMSNORM=gain is not None, PAIRED=paired, SWIGLU=swiglu, ACCUMULATE=out is not None,
+        HAS_BIAS=bias is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, launch_pdl=pdl)
     return result
 
 
@@ -184,11 +195,11 @@ def _fused_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, pa
     new_lo, new_hi = _rotated(src + (H + kv) * D, cos_lo, cos_hi, sin_lo, sin_hi, half, D)
     new_v = tl.load(src + (H + KVH) * D + kv * D + dims).to(tl.float32)
     mine = (pos >= chunk * CHUNK) & (pos < chunk * CHUNK + CHUNK)
-    writer = mine & (head % GROUP == 0)
-    slot = row * stride_cb + kv * stride_ch + pos * stride_cl
-    tl.store(k_ptr + slot + half, new_lo.to(k_ptr.dtype.element_ty), mask=writer & (half >= 0))
-    tl.store(k_ptr + slot + D // 2 + half, new_hi.to(k_ptr.dtype.element_ty), mask=writer & (half >= 0))
-    tl.store(v_ptr + slot + dims, new_v.to(v_ptr.dtype.element_ty), mask=writer & (dims >= 0))
+    if mine & (head % GROUP == 0):
+        slot = row * stride_cb + kv * stride_ch + pos * stride_cl
+        tl.store(k_ptr + slot + half, new_lo.to(k_ptr.dtype.element_ty))
+        tl.store(k_ptr + slot + D // 2 + half, new_hi.to(k_ptr.dtype.element_ty))
+        tl.store(v_ptr + slot + dims, new_v.to(v_ptr.dtype.element_ty))
 
     scores = tl.sum(k_lo.to(tl.float32) * q_lo[None, :], 1) + tl.sum(k_hi.to(tl.float32) * q_hi[None, :], 1)
     scores = tl.where(earlier, scores, float("-inf"))
