@@ -105,3 +105,34 @@ def test_fused_attention_matches_torch(dk, dtype):
         _close(k_cache, k_want, dtype)                # the new k and v at each row's position, nothing else
         _close(v_cache, v_want, dtype)
         assert not counts.any()
+
+
+def test_decoder_through_the_kernels_gives_transformers_tokens(dk):
+    """The whole one-row step (graph_decode.GraphDecoder._kernel_step) against transformers' greedy
+    generate: a random Qwen2 (Llama's layers with Q/K/V biases) with grouped K/V heads, float32, prompts
+    either side of a 128-position attention chunk."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from trtrag_cli.generators.graph_decode import GraphDecoder
+
+    torch.manual_seed(4)
+    config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=None, pad_token_id=0)
+    model = Qwen2ForCausalLM(config).to(DEVICE).eval()
+    for layer in model.model.layers:   # random biases, so that adding them is checked
+        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            torch.nn.init.normal_(projection.bias, std=0.5)
+    if CUDA:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    prompts = [[int(t) for t in torch.randint(1, 96, (n,))] for n in (5, 126)]
+    new = 12
+    with torch.inference_mode():
+        expected = [model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False)[0, len(p):].tolist() for p in prompts]
+    decoder = GraphDecoder(model, graphs=False)
+    decoder.kernels = dk          # on a GPU it is already; on the CPU this runs them in the interpreter
+    try:
+        assert [decoder.generate([p], new)[0] for p in prompts] == expected
+    finally:
+        decoder.close()

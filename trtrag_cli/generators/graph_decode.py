@@ -24,6 +24,7 @@ graphs; tests compare it with transformers token for token.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass
@@ -353,7 +354,9 @@ class GraphDecoder:
         if longest + max_new_tokens > self.context:
             raise TrtragError(f"prompt ({longest} tokens) plus {max_new_tokens} new tokens exceed the model's "
                               f"{self.context}", "lower answer.max_new_tokens or answer.context")
-        with self._lock, torch.inference_mode():
+        # On the model's own GPU: CUDA graphs and Triton launch on the current device, which may be another.
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with self._lock, on_device, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)   # seeds the CUDA generators too
             self._ensure_cache(batch, longest + max_new_tokens)
