@@ -278,3 +278,20 @@ def test_doctor_advice_follows_the_designs_sizing_rules(tmp_path):
     assert any("tensor parallelism" in w for w in hardware_advice(fake, big))
     hnsw = load_recipe(None, ["index.kind=hnsw", "index.device=auto"])
     assert vector_index_stage(hnsw, big)["backend"] == "faiss-cpu"
+
+
+def test_doctor_names_the_decode_path_a_gpu_would_take():
+    from trtrag_cli.deps import available
+    from trtrag_cli.doctor import generator_stage
+    from trtrag_cli.recipe import load_recipe
+
+    h200 = [{"name": "H200", "memory_mib": 143771, "driver": "x", "compute_capability": "9.0"}]
+    recipe = load_recipe(None, ["answer.generator=transformers"])
+    assert "transformers' generate" in generator_stage(recipe, [])["why"]          # no GPU
+    on_gpu = generator_stage(recipe, h200)["why"]
+    assert ("Triton decode kernels" if available("triton") else "triton is not installed") in on_gpu
+    off = load_recipe(None, ["answer.generator=transformers", "answer.kernels=false"])
+    assert "answer.kernels is false" in generator_stage(off, h200)["why"]
+    plain = load_recipe(None, ["answer.generator=transformers", "answer.decode=transformers"])
+    assert "static cache" in generator_stage(plain, h200)["why"]
+    assert generator_stage(load_recipe(None, []), h200)["why"] == "answer.generator in the recipe"   # extractive

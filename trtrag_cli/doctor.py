@@ -10,8 +10,8 @@ from .deps import available, version
 from .recipe import Recipe
 
 LIBRARIES = ("numpy", "onnxruntime", "onnx", "faiss-cpu", "faiss-gpu", "bm25s", "PyStemmer", "tokenizers",
-             "torch", "transformers", "sentence-transformers", "tensorrt", "tensorrt-llm", "nvidia-modelopt",
-             "typer", "rich", "pyyaml")
+             "torch", "transformers", "triton", "sentence-transformers", "tensorrt", "tensorrt-llm",
+             "nvidia-modelopt", "typer", "rich", "pyyaml")
 
 
 def gpus() -> list[dict]:
@@ -58,8 +58,28 @@ def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
         "vector_index": vector_index_stage(recipe, gpu_list),
         "lexical": {"backend": "bm25s", "ok": available("bm25s"), "why": "the only BM25 backend"},
         "rerank": {"backend": recipe.retrieve.mode, "ok": True, "why": "retrieve.mode in the recipe"},
-        "generator": {"backend": recipe.answer.generator, "ok": True, "why": "answer.generator in the recipe"},
+        "generator": generator_stage(recipe, gpu_list),
     }
+
+
+def generator_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
+    """The generator and, for transformers, which decode path a GPU would take (before loading the model)."""
+    answer = recipe.answer
+    why = "answer.generator in the recipe"
+    if answer.generator == "transformers":
+        on_gpu = answer.device.startswith("cuda") or (answer.device == "auto" and bool(gpu_list))
+        if not on_gpu:
+            why += ("; on the CPU: our decode loop, eagerly" if answer.decode == "graph" else
+                    "; on the CPU: transformers' generate")
+        elif answer.decode == "transformers":
+            why += "; answer.decode: transformers: transformers' generate with its static cache"
+        elif answer.kernels and available("triton"):
+            why += ("; on the GPU, Llama-family models: our CUDA-graph loop, batch-1 steps through the Triton "
+                    "decode kernels")
+        else:
+            reason = "answer.kernels is false" if not answer.kernels else "triton is not installed"
+            why += f"; on the GPU, Llama-family models: our CUDA-graph loop with torch layers ({reason})"
+    return {"backend": answer.generator, "ok": True, "why": why}
 
 
 def vector_index_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
