@@ -43,13 +43,13 @@ def _kernels(prof, top_n: int = 12) -> dict:
             "top": [{"name": k, "count": v[0], "ms": round(v[1], 3)} for k, v in top]}
 
 
-def profile_step(model, tok, compile: bool, kernels: bool) -> dict:
+def profile_step(model, tok, setting: dict) -> dict:
     """Kernels of our prefill (1024 tokens) and of one decode step after it (batch 1, not in a graph)."""
     import torch
 
     from trtrag_cli.generators.hf import TransformersBackend
 
-    backend = TransformersBackend.from_model(model, tok, decode="graph", compile=compile, kernels=kernels)
+    backend = TransformersBackend.from_model(model, tok, **setting)
     dec = backend.decoder
     dec._ensure_cache(1, 1152)
     greedy = (0.0, 0, 1.0)
@@ -80,8 +80,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True, help="a folder with tokenizer.json (ids are random anyway)")
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--out", type=Path, default=Path("gpu-generation.json"))
-    ap.add_argument("--profile", default="", help="eager,compiled,kernels: kernel times of the prefill and of one "
-                    "decode step (batch 1) for these paths")
+    ap.add_argument("--profile", default="", help="graph,graph_compiled,kernels: kernel times of the prefill and "
+                    "of one decode step (batch 1) for these variants")
     ap.add_argument("--variants", default="kernels,graph_compiled,static", help="which decode paths to time")
     ap.add_argument("--tiles", type=Path, help="gpu_kernels.py's JSON: use its best matvec tile per shape")
     args = ap.parse_args()
@@ -123,8 +123,7 @@ def main() -> None:
         backend.close()
         torch.cuda.reset_peak_memory_stats()
     if args.profile:
-        report["profile"] = {label: profile_step(model, tok, label != "eager", label == "kernels")
-                             for label in args.profile.split(",")}
+        report["profile"] = {label: profile_step(model, tok, settings[label]) for label in args.profile.split(",")}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
 

@@ -67,12 +67,14 @@ def generator_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
     answer = recipe.answer
     why = "answer.generator in the recipe"
     if answer.generator == "transformers":
+        from .generators.hf import wants_fast_decoder
+
         on_gpu = answer.device.startswith("cuda") or (answer.device == "auto" and bool(gpu_list))
-        if not on_gpu:
-            why += ("; on the CPU: our decode loop, eagerly" if answer.decode == "graph" else
-                    "; on the CPU: transformers' generate")
-        elif answer.decode == "transformers":
-            why += "; answer.decode: transformers: transformers' generate with its static cache"
+        if not wants_fast_decoder(answer.decode, on_gpu):
+            why += "; on the GPU: transformers' generate with its static cache" if on_gpu else \
+                "; on the CPU: transformers' generate"
+        elif not on_gpu:
+            why += "; on the CPU: our decode loop, eagerly"
         elif answer.kernels and available("triton"):
             why += ("; on the GPU, Llama-family models: our CUDA-graph loop, batch-1 steps through the Triton "
                     "decode kernels")

@@ -93,8 +93,8 @@ class AnswerConfig:
     compile: bool = True                  # transformers on a GPU: compile the layer functions (or the step)
     decode: Literal["auto", "graph", "transformers"] = "auto"  # transformers: auto = our CUDA-graph loop for
                                           # Llama-family models on a GPU, transformers' generate otherwise
-    kernels: bool = True                  # our loop on a GPU: its Triton decode kernels (batch <= 16) when
-                                          # triton is installed, else the torch layer functions
+    kernels: bool = True                  # our loop on a GPU: its Triton decode kernels for one-row steps
+                                          # when triton is installed, else the torch layer functions
     base_urls: list[str] = field(default_factory=list)  # openai: the nodes, balanced with failover
     served_model: str = ""                # openai: the model name the nodes serve
     api_key_env: str = "OPENAI_API_KEY"

@@ -240,11 +240,16 @@ class TransformersBackend:
 
 
 
-def _fast_decoder(model, device, decode: str, compile: bool = False, kernels: bool = True):
-    """graph_decode.GraphDecoder for this model when the recipe's answer.decode allows it, else None."""
+def wants_fast_decoder(decode: str, on_gpu: bool) -> bool:
+    """Whether answer.decode asks for our decode loop on this device (the model must still support it)."""
     if decode not in ("auto", "graph", "transformers"):
         raise TrtragError(f"unknown answer.decode {decode!r}", "use auto, graph or transformers")
-    if decode == "transformers" or (decode == "auto" and device.type != "cuda"):
+    return decode == "graph" or (decode == "auto" and on_gpu)
+
+
+def _fast_decoder(model, device, decode: str, compile: bool = False, kernels: bool = True):
+    """graph_decode.GraphDecoder for this model when the recipe's answer.decode allows it, else None."""
+    if not wants_fast_decoder(decode, device.type == "cuda"):
         return None
     from .graph_decode import GraphDecoder, supports
 
