@@ -44,7 +44,8 @@ def _kernels(prof, top_n: int = 12) -> dict:
 
 
 def profile_step(model, tok, setting: dict) -> dict:
-    """Kernels of our prefill (1024 tokens) and of one decode step after it (batch 1, not in a graph)."""
+    """Kernels of our prefill (1024 tokens) and of one decode step after it (batch 1, not in a graph), and the
+    prefill's wall time (median of 5)."""
     import torch
 
     from trtrag_cli.generators.hf import TransformersBackend
@@ -61,6 +62,15 @@ def profile_step(model, tok, setting: dict) -> dict:
         for _ in range(3):
             dec._advance(1, 1280, greedy)
         torch.cuda.synchronize()
+        walls, queued = [], []
+        for _ in range(5):   # the prefill alone: host to host, and until the host has queued it all
+            started = time.perf_counter()
+            dec.prefill(list(range(100, 1124)), 0)
+            queued.append((time.perf_counter() - started) * 1e3)
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - started) * 1e3)
+        out["prefill_1024_wall_ms"] = round(sorted(walls)[2], 3)
+        out["prefill_1024_queued_ms"] = round(sorted(queued)[2], 3)
         activities = [torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             dec.prefill(list(range(100, 1124)), 0)
@@ -83,7 +93,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="graph,graph_compiled,kernels: kernel times of the prefill and "
                     "of one decode step (batch 1) for these variants")
     ap.add_argument("--variants", default="kernels,graph_compiled,static", help="which decode paths to time")
-    ap.add_argument("--tiles", type=Path, help="gpu_kernels.py's JSON: use its best matvec tile per shape")
+    ap.add_argument("--tiles", type=Path, help="gpu_kernels.py's JSON: use its best matvec tile per shape and "
+                    "its best attention programs per SM, block and warps")
     args = ap.parse_args()
 
     import torch
@@ -105,9 +116,14 @@ def main() -> None:
     if args.tiles:
         from trtrag_cli.generators import decode_kernels
 
-        for shape, tile in json.loads(args.tiles.read_text())["best_tiles"].items():
+        tuned = json.loads(args.tiles.read_text())
+        for shape, tile in tuned["best_tiles"].items():
             decode_kernels.TILES[tuple(int(v) for v in shape.split("x"))] = tuple(int(v) for v in tile.split("x"))
+        if "attention" in tuned:
+            best = map(int, tuned["attention"]["best"].split("x"))
+            decode_kernels.ATTENTION.update(zip(("programs_per_sm", "block", "warps"), best))
         report["tiles"] = {str(k): v for k, v in decode_kernels.TILES.items()}
+        report["attention"] = dict(decode_kernels.ATTENTION)
     settings = {"kernels": {"decode": "graph", "compile": True},
                 "graph": {"decode": "graph", "kernels": False},
                 "graph_compiled": {"decode": "graph", "compile": True, "kernels": False},

@@ -1,5 +1,5 @@
 """decode_kernels against torch: the Triton matrix-vector kernel (RMSNorm, SwiGLU, bias, K splits added
-into the residual) and the fused RoPE / cache-write / chunked attention kernel.
+into the residual) and the fused RoPE / cache-write / attention kernel (equal runs of positions, tensor-core dots).
 
 On a CUDA GPU the kernels run compiled (bf16 and float32); without one they run in Triton's interpreter
 on the CPU (float32 and float16: the interpreter does not handle bf16), so the arithmetic is checked on
@@ -79,10 +79,14 @@ def _rotate(x, cos, sin):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_attention_matches_torch(dk, dtype):
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["one-query-head-each", "groups-of-two", "one-kv-head"])
+@pytest.mark.parametrize("splits", [1, 3, 7], ids=lambda n: f"{n}-runs")
+def test_fused_attention_matches_torch(dk, dtype, kv_heads, splits):
     torch.manual_seed(2)
-    heads, kv_heads, dim, length, scale = 4, 2, 16, 80, 0.25
-    positions = torch.tensor([5, 66, 0, 63, 64], device=DEVICE)    # first, last and either side of a chunk edge
+    heads, dim, length, scale = 4, 16, 80, 0.25
+    # Rows at the first position, the last, and either side of a 16-position block edge; with 7 runs some
+    # programs have no positions at all.
+    positions = torch.tensor([5, 66, 0, 63, 64], device=DEVICE)
     qkv = _rand(5, (heads + 2 * kv_heads) * dim, dtype=dtype)
     cos, sin = _rand(100, dim, dtype=dtype), _rand(100, dim, dtype=dtype)
     k_cache, v_cache = _rand(6, kv_heads, length, dim, dtype=dtype), _rand(6, kv_heads, length, dim, dtype=dtype)
@@ -99,8 +103,9 @@ def test_fused_attention_matches_torch(dk, dtype):
         expected.append(torch.einsum("hl,hld->hd", torch.softmax(torch.einsum("hd,hld->hl", q, keys), -1),
                                      values).reshape(-1))
     counts = torch.zeros(5 * heads, dtype=torch.int32, device=DEVICE)
-    for _ in range(2):   # twice: the chunk counters must be left at zero for the next call
-        got = dk.fused_attention(qkv, cos, sin, positions, k_cache, v_cache, counts, 80, scale, heads, chunk=16)
+    for _ in range(2):   # twice: the run counters must be left at zero for the next call
+        got = dk.fused_attention(qkv, cos, sin, positions, k_cache, v_cache, counts, scale, heads, splits=splits,
+                                 block=16)
         _close(got, torch.stack(expected), dtype)
         _close(k_cache, k_want, dtype)                # the new k and v at each row's position, nothing else
         _close(v_cache, v_want, dtype)
@@ -110,7 +115,7 @@ def test_fused_attention_matches_torch(dk, dtype):
 def test_decoder_through_the_kernels_gives_transformers_tokens(dk):
     """The whole one-row step (graph_decode.GraphDecoder._kernel_step) against transformers' greedy
     generate: a random Qwen2 (Llama's layers with Q/K/V biases) with grouped K/V heads, float32, prompts
-    either side of a 128-position attention chunk."""
+    either side of a 64-position attention block edge."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from trtrag_cli.generators.graph_decode import GraphDecoder
@@ -136,3 +141,28 @@ def test_decoder_through_the_kernels_gives_transformers_tokens(dk):
         assert [decoder.generate([p], new)[0] for p in prompts] == expected
     finally:
         decoder.close()
+
+
+def test_kernels_compile_for_hopper_without_spills(dk):
+    """The configurations a Llama-2-13B step launches compile for sm_90 here, GPU or not (triton's own ptxas),
+    with nothing spilled to local memory, and the attention program fits ATTENTION's count per SM in the
+    register file (its run count assumes they all start at once)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton carries no NVIDIA backend tools (ptxas, cuobjdump)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("hopper_compile.py")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"matvec qkv", "matvec o", "matvec gate_up", "matvec down", "matvec head",
+            "attention 40 heads", "attention groups of 8"} <= set(report)
+    assert all(usage["stack_bytes"] == 0 for usage in report.values()), report
+    threads = 32 * dk.ATTENTION["warps"] * dk.ATTENTION["programs_per_sm"]
+    assert all(report[name]["registers"] * threads <= 65536 for name in report if name.startswith("attention"))

@@ -7,15 +7,17 @@ attention walked the whole 256-rounded span behind a mask, and RMSNorm, RoPE, Si
 were kernels of their own. Here a layer is five kernels:
   - `matvec` for Q/K/V with the input RMSNorm folded in: W (x * gain) is summed along K together with
     sum(x^2), and 1/rms scales the result at the end (no normalised copy of x is written);
-  - `fused_attention`: RoPE on q and on the new k, the new k and v stored in the cache, attention split
-    along the cache into chunks that run in parallel and stop at the row's position (no mask, nothing
-    read past it), the last chunk to finish combining them all;
+  - `fused_attention`: RoPE on q and on the new k, the new k and v stored in the cache, and attention
+    over the positions so far (no mask, nothing read past them), cut into equal runs for as many
+    programs as the GPU holds at once; each program walks its run in blocks with tensor-core dots (the
+    query heads sharing a K/V head are the rows), and the last one to finish combines them all;
   - `matvec` for the output projection, added into the float32 residual stream;
   - `matvec` for gate and up together (RMSNorm folded in; each program sums a block of gate rows and
     the matching up rows) writing SiLU(gate) * up;
   - `matvec` for down, added into the residual stream; its K is split over programs (atomic adds).
 Each matrix program streams [BLOCK_N x BLOCK_K] weight tiles with the next tile's load in flight while
-the current one is summed, in float32. On Hopper the kernels use programmatic dependent launch: a kernel
+the current one is summed, in float32; weights are marked to leave L2 first (each is read once a step,
+the activations many times). On Hopper the kernels use programmatic dependent launch: a kernel
 starts loading its weights (or older cache positions) while the previous one finishes, then waits for
 it before reading its output. H200 figures are in the README ("Generation on the GPU").
 
@@ -48,6 +50,13 @@ def _tile(n: int, k: int, accumulate: bool, swiglu: bool) -> tuple[int, int, int
     return 8, 256, 4, 1, 1
 
 
+# fused_attention's programs: cache positions per block, warps, and programs per multiprocessor (the
+# positions so far are cut into that many runs per SM for one wave), the fastest of gpu_kernels.py's
+# sweep on an H200 (Llama-2-13B shape, 1,088 positions): 10.0 us where the previous kernel, one
+# program per 128-position chunk, took 12.0.
+ATTENTION = {"block": 64, "warps": 4, "programs_per_sm": 2}
+
+
 @triton.jit
 def _await_previous(PDL: tl.constexpr):
     """With programmatic dependent launch (Hopper on): let the next kernel start launching, then wait until
@@ -69,21 +78,23 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, N, K, span, eps, R
     pairs = rows + N * K                       # PAIRED: the same rows of the second half (SwiGLU: up)
     ks = first + tl.arange(0, BLOCK_K)
     tile_ok = col_ok[:, None] & (ks < last)[None, :]
-    w = tl.load(rows + ks[None, :], mask=tile_ok, other=0.0)        # weights only before the wait
+    # Only weights before the wait.
+    w = tl.load(rows + ks[None, :], mask=tile_ok, other=0.0, eviction_policy="evict_first")
     if PAIRED:
-        u = tl.load(pairs + ks[None, :], mask=tile_ok, other=0.0)
+        u = tl.load(pairs + ks[None, :], mask=tile_ok, other=0.0, eviction_policy="evict_first")
     _await_previous(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    acc_pair = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    if PAIRED:
+        acc_pair = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     squares = tl.zeros((BLOCK_K,), tl.float32)
     for start in range(first, last, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_ok = ks < last
         coming = ks + BLOCK_K                  # the next tiles are in flight while these are summed
         next_ok = col_ok[:, None] & (coming < last)[None, :]
-        w_next = tl.load(rows + coming[None, :], mask=next_ok, other=0.0)
+        w_next = tl.load(rows + coming[None, :], mask=next_ok, other=0.0, eviction_policy="evict_first")
         if PAIRED:
-            u_next = tl.load(pairs + coming[None, :], mask=next_ok, other=0.0)
+            u_next = tl.load(pairs + coming[None, :], mask=next_ok, other=0.0, eviction_policy="evict_first")
         x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         if RMSNORM:   # the gain now, 1/rms at the end
             squares += x * x
@@ -94,11 +105,13 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, N, K, span, eps, R
             acc_pair += u.to(tl.float32) * x[None, :]
             u = u_next
     y = tl.sum(acc, 1)
-    y_pair = tl.sum(acc_pair, 1)
     if RMSNORM:
         inverse_rms = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
         y = y * inverse_rms
-        y_pair = y_pair * inverse_rms
+    if PAIRED:
+        y_pair = tl.sum(acc_pair, 1)
+        if RMSNORM:
+            y_pair = y_pair * inverse_rms
     if SWIGLU:
         y = y / (1.0 + tl.exp(-y)) * y_pair
     _matvec_store(out_ptr, bias_ptr, cols, col_ok, y, ACCUMULATE, HAS_BIAS)
@@ -156,96 +169,119 @@ def matvec(x, weight, *, out=None, bias=None, gain=None, eps: float = 1e-6, swig
 
 
 @triton.jit
-def _rotated(ptr, cos_lo, cos_hi, sin_lo, sin_hi, half, D: tl.constexpr):
-    """RoPE of the D values at ptr, as (low half, high half): x * cos + rotate_half(x) * sin."""
-    lo = tl.load(ptr + half).to(tl.float32)
-    hi = tl.load(ptr + D // 2 + half).to(tl.float32)
-    return lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
+def _rope_rows(ptr, cos, sin, dims, mask, D: tl.constexpr):
+    """RoPE of rows of D values at ptr ([R, 1] offsets + dims): x * cos + rotate_half(x) * sin, in float32."""
+    partner = (dims + D // 2) % D
+    sign = tl.where(dims < D // 2, -1.0, 1.0)
+    x = tl.load(ptr + dims, mask=mask, other=0.0).to(tl.float32)
+    rotated = tl.load(ptr + partner, mask=mask, other=0.0).to(tl.float32) * sign
+    return x * cos + rotated * sin
 
 
 @triton.jit
-def _fused_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, count_ptr,
-                            out_ptr, stride_qkv, stride_cb, stride_ch, stride_cl, scale, H, KVH, chunks,
-                            GROUP: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, D: tl.constexpr,
-                            PDL: tl.constexpr):
-    row_head = tl.program_id(0)
-    chunk = tl.program_id(1)
-    row = row_head // H
-    head = row_head % H
-    kv = head // GROUP
+def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, part_ptr, stats_ptr, count_ptr, out_ptr,
+                      stride_qkv, stride_cb, stride_ch, stride_cl, scale, H, KVH, splits, GROUP: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr, D: tl.constexpr,
+                      PRECISION: tl.constexpr, PDL: tl.constexpr):
+    row_kv = tl.program_id(0)
+    split = tl.program_id(1)
+    row = row_kv // KVH
+    kv = row_kv % KVH
     pos = tl.load(pos_ptr + row)             # set before this step's first kernel: safe to read early
-    half = tl.arange(0, D // 2)
+    # The positions so far, [0, pos], in `splits` equal runs of whole blocks: every program has the same work.
+    run = tl.cdiv(tl.cdiv(pos + 1, splits), BLOCK) * BLOCK
+    first = split * run
+    last = tl.minimum(first + run, pos)      # cache positions before pos: written by earlier steps
     dims = tl.arange(0, D)
-    at = chunk * CHUNK + tl.arange(0, CHUNK)
-    earlier = at < pos                       # written by earlier steps, so loaded before the wait
-    cache = row * stride_cb + kv * stride_ch + at[:, None] * stride_cl
-    k_lo = tl.load(k_ptr + cache + half[None, :], mask=earlier[:, None], other=0.0)
-    k_hi = tl.load(k_ptr + cache + D // 2 + half[None, :], mask=earlier[:, None], other=0.0)
-    v = tl.load(v_ptr + cache + dims[None, :], mask=earlier[:, None], other=0.0)
+    offsets = tl.arange(0, BLOCK)
+    cache = row * stride_cb + kv * stride_ch + dims[None, :]
+    at = first + offsets
+    keys = tl.load(k_ptr + cache + at[:, None] * stride_cl, mask=(at < last)[:, None], other=0.0)
+    values = tl.load(v_ptr + cache + at[:, None] * stride_cl, mask=(at < last)[:, None], other=0.0)
     _await_previous(PDL)
 
-    cos_lo = tl.load(cos_ptr + pos * D + half).to(tl.float32)
-    cos_hi = tl.load(cos_ptr + pos * D + D // 2 + half).to(tl.float32)
-    sin_lo = tl.load(sin_ptr + pos * D + half).to(tl.float32)
-    sin_hi = tl.load(sin_ptr + pos * D + D // 2 + half).to(tl.float32)
+    cos = tl.load(cos_ptr + pos * D + dims).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * D + dims).to(tl.float32)
     src = qkv_ptr + row * stride_qkv
-    q_lo, q_hi = _rotated(src + head * D, cos_lo, cos_hi, sin_lo, sin_hi, half, D)
-    q_lo, q_hi = q_lo * scale, q_hi * scale
-    # This step's own key and value: from qkv, written to the cache once per K/V head for later steps.
-    new_lo, new_hi = _rotated(src + (H + kv) * D, cos_lo, cos_hi, sin_lo, sin_hi, half, D)
+    member = tl.arange(0, ROWS)              # the query heads sharing this K/V head, padded to a dot's rows
+    heads = kv * GROUP + member
+    in_group = member < GROUP
+    q = _rope_rows(src + heads[:, None] * D, cos[None, :], sin[None, :], dims[None, :], in_group[:, None], D)
+    q = q * scale
+    # This step's own key and value, from qkv: the program whose run holds pos stores them for later steps
+    # and starts its sums with them.
+    new_k = _rope_rows(src + (H + kv) * D, cos, sin, dims, dims < D, D)
     new_v = tl.load(src + (H + KVH) * D + kv * D + dims).to(tl.float32)
-    mine = (pos >= chunk * CHUNK) & (pos < chunk * CHUNK + CHUNK)
-    if mine & (head % GROUP == 0):
-        slot = row * stride_cb + kv * stride_ch + pos * stride_cl
-        tl.store(k_ptr + slot + half, new_lo.to(k_ptr.dtype.element_ty))
-        tl.store(k_ptr + slot + D // 2 + half, new_hi.to(k_ptr.dtype.element_ty))
-        tl.store(v_ptr + slot + dims, new_v.to(v_ptr.dtype.element_ty))
+    mine = (pos >= first) & (pos < first + run)
+    if mine:
+        slot = row * stride_cb + kv * stride_ch + pos * stride_cl + dims
+        tl.store(k_ptr + slot, new_k.to(k_ptr.dtype.element_ty))
+        tl.store(v_ptr + slot, new_v.to(v_ptr.dtype.element_ty))
+    best = tl.where(mine, tl.sum(q * new_k[None, :], 1), float("-inf"))       # [ROWS]: running max
+    total = tl.where(mine, 1.0, 0.0) + tl.zeros((ROWS,), tl.float32)           # running sum of exp
+    acc = total[:, None] * new_v[None, :]                                      # [ROWS, D]
+    q = q.to(keys.dtype)
+    for start in range(first, last, BLOCK):
+        at = start + offsets
+        coming = at + BLOCK                  # the next block is in flight while this one is summed
+        keys_next = tl.load(k_ptr + cache + coming[:, None] * stride_cl, mask=(coming < last)[:, None], other=0.0)
+        values_next = tl.load(v_ptr + cache + coming[:, None] * stride_cl, mask=(coming < last)[:, None],
+                              other=0.0)
+        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
+        scores = tl.where((at < last)[None, :], scores, float("-inf"))
+        higher = tl.maximum(best, tl.max(scores, 1))                           # finite: the block has a position
+        weights = tl.exp(scores - higher[:, None])
+        fade = tl.exp(best - higher)
+        total = total * fade + tl.sum(weights, 1)
+        acc = acc * fade[:, None] + tl.dot(weights.to(values.dtype), values, input_precision=PRECISION)
+        best = higher
+        keys, values = keys_next, values_next
+    entries = (row * H + heads) * splits + split
+    tl.store(part_ptr + entries[:, None] * D + dims[None, :], acc, mask=in_group[:, None])
+    tl.store(stats_ptr + entries * 2, best, mask=in_group)
+    tl.store(stats_ptr + entries * 2 + 1, total, mask=in_group)
 
-    scores = tl.sum(k_lo.to(tl.float32) * q_lo[None, :], 1) + tl.sum(k_hi.to(tl.float32) * q_hi[None, :], 1)
-    scores = tl.where(earlier, scores, float("-inf"))
-    own = tl.where(mine, tl.sum(new_lo * q_lo, 0) + tl.sum(new_hi * q_hi, 0), float("-inf"))
-    best = tl.maximum(tl.max(scores, 0), own)
-    shift = tl.where(best == float("-inf"), 0.0, best)       # a chunk wholly past pos sees nothing
-    weights = tl.exp(scores - shift)
-    own_weight = tl.exp(own - shift)
-    acc = tl.sum(weights[:, None] * v.to(tl.float32), 0) + own_weight * new_v
-    entry = row_head * chunks + chunk
-    tl.store(part_ptr + entry * D + dims, acc)
-    tl.store(stats_ptr + entry * 2, best)
-    tl.store(stats_ptr + entry * 2 + 1, tl.sum(weights, 0) + own_weight)
-
-    # The last chunk of this row and head to finish combines them all (no second kernel).
+    # The last program of this row and K/V head to finish combines them all (no second kernel).
     tl.debug_barrier()
-    finished = tl.atomic_add(count_ptr + row_head, 1, sem="acq_rel")
-    if finished == chunks - 1:
-        which = tl.arange(0, CHUNKS)
-        used = which < chunks
-        entries = row_head * chunks + which
-        bests = tl.load(stats_ptr + entries * 2, mask=used, other=float("-inf"))
-        totals = tl.load(stats_ptr + entries * 2 + 1, mask=used, other=0.0)
-        factors = tl.where(bests == float("-inf"), 0.0, tl.exp(bests - tl.max(bests, 0)))
-        parts = tl.load(part_ptr + entries[:, None] * D + dims[None, :], mask=used[:, None], other=0.0)
-        out = tl.sum(factors[:, None] * parts, 0) / tl.sum(factors * totals, 0)
-        tl.store(out_ptr + row_head * D + dims, out.to(out_ptr.dtype.element_ty))
-        tl.store(count_ptr + row_head, 0)      # ready for the next layer and step
+    finished = tl.atomic_add(count_ptr + row_kv, 1, sem="acq_rel")
+    if finished == splits - 1:
+        which = tl.arange(0, SLOTS)
+        used = which < splits
+        for g in tl.static_range(GROUP):
+            head = row * H + kv * GROUP + g
+            slots = head * splits + which
+            bests = tl.load(stats_ptr + slots * 2, mask=used, other=float("-inf"))
+            totals = tl.load(stats_ptr + slots * 2 + 1, mask=used, other=0.0)
+            factors = tl.where(bests == float("-inf"), 0.0, tl.exp(bests - tl.max(bests, 0)))
+            parts = tl.load(part_ptr + slots[:, None] * D + dims[None, :], mask=used[:, None], other=0.0)
+            out = tl.sum(factors[:, None] * parts, 0) / tl.sum(factors * totals, 0)
+            tl.store(out_ptr + head * D + dims, out.to(out_ptr.dtype.element_ty))
+        tl.store(count_ptr + row_kv, 0)        # ready for the next layer and step
 
 
-def fused_attention(qkv, cos, sin, positions, k_cache, v_cache, counts, span: int, scale: float, heads: int,
-                    chunk: int = 128, warps: int = 4):
+def fused_attention(qkv, cos, sin, positions, k_cache, v_cache, counts, scale: float, heads: int,
+                    splits: int | None = None, block: int | None = None, warps: int | None = None):
     """One decode step's attention from qkv [M, (H + 2 KVH) D]: RoPE on q and k at each row's position, the
     new k and v stored in the caches [rows, KVH, length, D], attention over positions [0, positions[row]]
-    (within the first `span`) -> [M, H * D]. counts: int32 zeros, at least M * H, left zeroed."""
+    -> [M, H * D]. counts: int32 zeros, at least M * KVH, left zeroed. splits (runs per row and K/V head),
+    block and warps default to ATTENTION's."""
     import torch
 
     rows = qkv.shape[0]
     kv_heads, dim = k_cache.shape[1], k_cache.shape[-1]
-    chunks = triton.cdiv(span, chunk)
+    group = heads // kv_heads
+    if splits is None:
+        sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 4
+        programs = ATTENTION["programs_per_sm"] * sms
+        splits = max(1, programs // (rows * kv_heads))
     pdl = _pdl(qkv)
-    parts = torch.empty(rows * heads * chunks, dim, dtype=torch.float32, device=qkv.device)
-    stats = torch.empty(rows * heads * chunks, 2, dtype=torch.float32, device=qkv.device)
+    parts = torch.empty(rows * heads * splits, dim, dtype=torch.float32, device=qkv.device)
+    stats = torch.empty(rows * heads * splits, 2, dtype=torch.float32, device=qkv.device)
     out = torch.empty(rows, heads * dim, dtype=qkv.dtype, device=qkv.device)
-    _fused_attention_kernel[(rows * heads, chunks)](
+    _attention_kernel[(rows * kv_heads, splits)](
         qkv, cos, sin, positions, k_cache, v_cache, parts, stats, counts, out, qkv.stride(0), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), scale, heads, kv_heads, chunks, GROUP=heads // kv_heads, CHUNK=chunk,
-        CHUNKS=triton.next_power_of_2(chunks), D=dim, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+        k_cache.stride(1), k_cache.stride(2), scale, heads, kv_heads, splits, GROUP=group,
+        ROWS=max(16, triton.next_power_of_2(group)), BLOCK=block or ATTENTION["block"],
+        SLOTS=triton.next_power_of_2(splits), D=dim, PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        PDL=pdl, num_warps=warps or ATTENTION["warps"], launch_pdl=pdl)
     return out

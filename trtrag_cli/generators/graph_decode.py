@@ -277,7 +277,7 @@ class GraphDecoder:
         h = self.torch.nn.functional.embedding(self.tokens[:1], self.embed)[0].float()
         for layer, (k_cache, v_cache) in zip(self.layers, self._cache):
             qkv = kernels.matvec(h, layer.qkv, gain=layer.in_norm, eps=self.eps, bias=layer.qkv_bias)
-            attended = kernels.fused_attention(qkv[None], cos, sin, positions, k_cache, v_cache, self._counts, span,
+            attended = kernels.fused_attention(qkv[None], cos, sin, positions, k_cache, v_cache, self._counts,
                                                self.scale, self.n_heads)
             kernels.matvec(attended[0], layer.o, out=h)
             gated = kernels.matvec(h, layer.gate_up, gain=layer.post_norm, eps=self.eps, swiglu=True)
