@@ -50,9 +50,9 @@ def matvec_configurations():
             "gate_up": (13824, 5120, dict(RMSNORM=True, SWIGLU=True)), "down": (5120, 13824, dict(ACCUMULATE=True)),
             "head": (32000, 5120, dict(RMSNORM=True))}
     for name, (n, k, flags) in uses.items():
-        block_n, block_k, warps, _, halves, *ahead = dk._tile(n, k, flags.get("ACCUMULATE", False), "SWIGLU" in flags)
+        block_n, block_k, warps, _, halves = dk._tile(n, k, flags.get("ACCUMULATE", False), "SWIGLU" in flags)
         constants = dict(RMSNORM=False, SWIGLU=False, ACCUMULATE=False, HAS_BIAS=False, PDL=True, BLOCK_N=block_n,
-                         BLOCK_K=block_k, AHEAD=ahead[0] if ahead else 1) | flags | dict(PAIRED=halves == 2)
+                         BLOCK_K=block_k) | flags | dict(PAIRED=halves == 2)
         out = "*fp32" if constants["ACCUMULATE"] else "*bf16"
         yield f"matvec {name}", dk._matvec_kernel, dict(types, out_ptr=out), constants, warps
 

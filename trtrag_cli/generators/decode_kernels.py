@@ -76,7 +76,7 @@ def _weights(ptr, ks, col_ok, last):
 @triton.jit
 def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, N, K, span, eps, RMSNORM: tl.constexpr,
                    PAIRED: tl.constexpr, SWIGLU: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr):
+                   PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     first = tl.program_id(1) * span
     last = tl.minimum(first + span, K)
@@ -84,13 +84,9 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, N, K, span, eps, R
     rows = w_ptr + cols[:, None] * K
     pairs = rows + N * K                       # PAIRED: the same rows of the second half (SwiGLU: up)
     ks = first + tl.arange(0, BLOCK_K)
-    w = _weights(rows, ks, col_ok, last)       # only weights before the wait: the first AHEAD tiles
+    w = _weights(rows, ks, col_ok, last)       # only weights before the wait
     if PAIRED:
         u = _weights(pairs, ks, col_ok, last)
-    if AHEAD == 2:
-        w_after = _weights(rows, ks + BLOCK_K, col_ok, last)
-        if PAIRED:
-            u_after = _weights(pairs, ks + BLOCK_K, col_ok, last)
     _await_previous(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     if PAIRED:
@@ -99,7 +95,7 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, N, K, span, eps, R
     for start in range(first, last, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_ok = ks < last
-        coming = ks + AHEAD * BLOCK_K          # AHEAD tiles are in flight while this one is summed
+        coming = ks + BLOCK_K                  # the next tiles are in flight while these are summed
         w_next = _weights(rows, coming, col_ok, last)
         if PAIRED:
             u_next = _weights(pairs, coming, col_ok, last)
@@ -110,14 +106,9 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, N, K, span, eps, R
         acc += w.to(tl.float32) * x[None, :]
         if PAIRED:
             acc_pair += u.to(tl.float32) * x[None, :]
-        if AHEAD == 2:
-            w, w_after = w_after, w_next
-            if PAIRED:
-                u, u_after = u_after, u_next
-        else:
-            w = w_next
-            if PAIRED:
-                u = u_next
+        w = w_next
+        if PAIRED:
+            u = u_next
     y = tl.sum(acc, 1)
     if RMSNORM:
         inverse_rms = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
@@ -166,7 +157,7 @@ def matvec(x, weight, *, out=None, bias=None, gain=None, eps: float = 1e-6, swig
 
     n, k = weight.shape
     n = n // 2 if swiglu else n
-    block_n, block_k, warps, splits, halves, *ahead = tile or _tile(n, k, out is not None, swiglu)
+    block_n, block_k, warps, splits, halves = tile or _tile(n, k, out is not None, swiglu)
     paired = swiglu or (halves == 2 and n % 2 == 0)
     if out is None or gain is not None:
         splits = 1                           # a plain store, and RMSNorm needs the whole row
@@ -178,8 +169,8 @@ def matvec(x, weight, *, out=None, bias=None, gain=None, eps: float = 1e-6, swig
     _matvec_kernel[(triton.cdiv(rows, block_n), splits)](
         x, weight, result, result if bias is None else bias, result if gain is None else gain, rows, k, span,
         eps, RMSNORM=gain is not None, PAIRED=paired, SWIGLU=swiglu, ACCUMULATE=out is not None,
-        HAS_BIAS=bias is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, AHEAD=ahead[0] if ahead else 1,
-        num_warps=warps, launch_pdl=pdl)
+        HAS_BIAS=bias is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        launch_pdl=pdl)
     return result
 
 
