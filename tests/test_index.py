@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trtrag_cli.errors import TrtragError
-from trtrag_cli.index import VectorIndex
+from trtrag_cli.index import VectorIndex, gpu_count, placement_for, torch_gpu_count
 from trtrag_cli.lexical import LexicalIndex
 from trtrag_cli.recipe import IndexConfig, LexicalConfig
 from trtrag_cli.retrieve import fuse
@@ -121,6 +121,53 @@ def test_torch_exact_shards_merge_like_one_device():
     one = TorchExact(x, ids, ["cpu"]).search(q, 20)
     three = TorchExact(x, ids, ["cpu", "cpu", "cpu"]).search(q, 20)
     np.testing.assert_array_equal(one[1], three[1])
+
+
+@pytest.mark.parametrize("kind,device,exact,faiss_gpus,torch_gpus,engines,problem", [
+    ("ivf", "cpu", "auto", 2, 2, (), None),                       # index.device: cpu wins over any GPU
+    ("hnsw", "gpu", "auto", 1, 1, (), None),                      # no GPU HNSW in faiss: the CPU, not an error
+    ("hnsw", "gpu", "auto", 0, 0, (), None),
+    ("flat", "auto", "auto", 1, 1, ("torch", "faiss"), None),     # both present: measured at load
+    ("flat", "auto", "faiss", 0, 2, (), "index.exact is faiss"),  # the named engine has no GPU here
+    ("flat", "gpu", "torch", 1, 1, ("torch",), None),
+    ("flat", "auto", "auto", 0, 0, (), None),                     # no GPU: faiss on the CPU
+    ("flat", "gpu", "auto", 0, 0, (), "index.device is gpu"),
+    ("ivfpq", "auto", "auto", 0, 1, (), None),                    # torch's GPU cannot run IVF: the CPU
+    ("ivfpq", "gpu", "auto", 0, 1, (), "index.device is gpu"),
+    ("ivf", "gpu", "auto", 2, 0, ("faiss",), None),
+])
+def test_placement_rules(kind, device, exact, faiss_gpus, torch_gpus, engines, problem):
+    plan = placement_for(kind, device, exact, faiss_gpus, torch_gpus)
+    assert plan.engines == engines, plan
+    if problem is None:
+        assert plan.problem is None, plan
+    else:
+        assert plan.problem and plan.problem[0].startswith(problem), plan
+    assert plan.why
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("device", ["auto", "gpu", "cpu"])
+def test_index_and_doctor_follow_the_same_placement(kind, device):
+    """On this machine, whatever it has: VectorIndex moves (or refuses) as placement_for says, and doctor
+    reports the same."""
+    from trtrag_cli.doctor import gpus, vector_index_stage
+    from trtrag_cli.recipe import load_recipe
+
+    plan = placement_for(kind, device, "auto", gpu_count(), torch_gpu_count() if kind == "flat" else 0)
+    rng = np.random.default_rng(0)
+    vi = VectorIndex(IndexConfig(kind=kind, nlist=4, nprobe=4, device=device), 32)
+    vectors = _unit(rng, 256)
+    if plan.problem:
+        with pytest.raises(TrtragError, match=plan.problem[0].split(" (")[0]):
+            vi.build(vectors, np.arange(256))
+            vi.to_device()
+    else:
+        vi.build(vectors, np.arange(256))
+        assert vi.to_device().startswith("gpu" if plan.engines else "cpu")
+    stage = vector_index_stage(load_recipe(None, [f"index.kind={kind}", f"index.device={device}"]), gpus())
+    assert stage["ok"] == (plan.problem is None)
+    assert (stage["backend"] in ("faiss-cpu", "none")) == (not plan.engines)
 
 
 def test_hnsw_refuses_in_place_delete():

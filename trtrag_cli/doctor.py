@@ -85,32 +85,24 @@ def generator_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
 
 
 def vector_index_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
-    """Where searches will run for the recipe's index on this machine, and why (index.py decides the same)."""
-    from .index import gpu_count, torch_gpu_count
+    """Where searches will run for the recipe's index on this machine, and why (index.placement_for, the
+    rules VectorIndex follows)."""
+    from .index import gpu_count, placement_for, torch_gpu_count
 
     cfg = recipe.index
     faiss_gpus = gpu_count() if available("faiss") else 0
     torch_gpus = torch_gpu_count() if gpu_list else 0
-    base = {"kind": cfg.kind, "device": cfg.device, "faiss_gpus": faiss_gpus, "torch_gpus": torch_gpus,
-            "ok": available("faiss")}
-    if cfg.device == "cpu":
-        return base | {"backend": "faiss-cpu", "why": "index.device: cpu"}
-    if cfg.kind == "hnsw":
-        return base | {"backend": "faiss-cpu", "why": "faiss has no GPU HNSW: use flat, ivf or ivfpq for the GPU"}
-    if cfg.kind == "flat" and (faiss_gpus or torch_gpus):
-        engines = [name for name, n in (("torch", torch_gpus), ("faiss-gpu", faiss_gpus)) if n]
-        if cfg.exact != "auto":
-            engines = [e for e in engines if e.startswith(cfg.exact)]
-        how = "measured at load, the faster one serves" if len(engines) > 1 else "the one present"
-        return base | {"backend": "gpu exact: " + " or ".join(engines) if engines else "none",
-                       "ok": bool(engines) and base["ok"], "why": f"flat on a GPU: {how}"}
-    if faiss_gpus:
-        return base | {"backend": "faiss-gpu", "why": f"{faiss_gpus} GPU(s) with faiss-gpu"}
-    why = "no GPU" if not gpu_list else "a GPU but no faiss-gpu (pip install faiss-gpu for ivf/ivfpq there)"
-    ok = base["ok"] and cfg.device != "gpu"
-    if not ok:
-        why += "; index.device: gpu cannot be met"
-    return base | {"backend": "faiss-cpu", "ok": ok, "why": why}
+    plan = placement_for(cfg.kind, cfg.device, cfg.exact, faiss_gpus, torch_gpus, gpu_present=bool(gpu_list))
+    names = {"torch": "torch", "faiss": "faiss-gpu"}
+    if not plan.engines:
+        backend = "none" if plan.problem else "faiss-cpu"
+    elif cfg.kind == "flat":
+        backend = "gpu exact: " + " or ".join(names[e] for e in plan.engines)
+    else:
+        backend = "faiss-gpu"
+    return {"kind": cfg.kind, "device": cfg.device, "faiss_gpus": faiss_gpus, "torch_gpus": torch_gpus,
+            "backend": backend, "ok": available("faiss") and plan.problem is None,
+            "why": plan.why + (f"; {plan.problem[0]}" if plan.problem else "")}
 
 
 def hardware_advice(recipe: Recipe, gpu_list: list[dict], index_vectors: int | None = None) -> list[str]:

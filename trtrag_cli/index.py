@@ -17,6 +17,7 @@ the map is compacted), so indexes of that form written by older versions are nev
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,41 @@ def torch_gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a recipe's index is searched on a machine: the GPU engines ("torch", "faiss"; none: faiss on
+    the CPU), why, and (problem, hint) where the recipe asks for what the machine cannot do."""
+    engines: tuple[str, ...]
+    why: str
+    problem: tuple[str, str] | None = None
+
+
+def placement_for(kind: str, device: str, exact: str, faiss_gpus: int, torch_gpus: int,
+                  gpu_present: bool | None = None) -> Placement:
+    """The placement rules, with the machine given: VectorIndex follows them when it moves an index to the
+    GPU, and `trtrag doctor` reports them. gpu_present: a GPU is there at all (default: either count)."""
+    if device == "cpu":
+        return Placement((), "index.device: cpu")
+    if kind == "hnsw":
+        return Placement((), "faiss has no GPU HNSW: use flat, ivf or ivfpq for the GPU")
+    if kind == "flat" and (faiss_gpus or torch_gpus):
+        engines = tuple(name for name, n in (("torch", torch_gpus), ("faiss", faiss_gpus))
+                        if n and exact in ("auto", name))
+        if not engines:
+            return Placement((), "flat on a GPU", (f"index.exact is {exact} but that engine has no GPU here",
+                                                   "set index.exact: auto, or install faiss-gpu / torch with CUDA"))
+        how = "measured at load, the faster one serves" if len(engines) > 1 else "the one present"
+        return Placement(engines, f"flat on a GPU: {how}")
+    if faiss_gpus:
+        return Placement(("faiss",), f"{faiss_gpus} GPU(s) with faiss-gpu")
+    present = bool(faiss_gpus or torch_gpus) if gpu_present is None else gpu_present
+    why = "a GPU but no faiss-gpu (pip install faiss-gpu for ivf/ivfpq there)" if present else "no GPU"
+    if device != "gpu":
+        return Placement((), why)
+    return Placement((), why, ("index.device is gpu but no GPU is usable (faiss-gpu or, for flat, torch with CUDA)",
+                               "install faiss-gpu on a CUDA machine, or set index.device: auto"))
 
 
 def torch_devices(cfg: IndexConfig) -> list[str]:
@@ -122,14 +158,18 @@ class VectorIndex:
         elif isinstance(inner, faiss.IndexHNSW):
             inner.hnsw.efSearch = max(self.cfg.ef_search, 1)
 
+    def _placement(self) -> Placement:
+        if self.cfg.device == "cpu":      # no GPU library is asked anything
+            return placement_for(self.kind(), "cpu", self.cfg.exact, 0, 0)
+        kind = self.kind()
+        return placement_for(kind, self.cfg.device, self.cfg.exact, gpu_count(),
+                             torch_gpu_count() if kind == "flat" else 0)
+
     def _wants_gpu(self) -> bool:
-        if self.cfg.device == "cpu":
-            return False
-        present = gpu_count() > 0 or (self.kind() == "flat" and torch_gpu_count() > 0)
-        if self.cfg.device == "gpu" and not present:
-            raise TrtragError("index.device is gpu but no GPU is usable (faiss-gpu or, for flat, torch with CUDA)",
-                              "install faiss-gpu on a CUDA machine, or set index.device: auto")
-        return present and self.kind() != "hnsw"
+        plan = self._placement()
+        if plan.problem:
+            raise TrtragError(*plan.problem)
+        return bool(plan.engines)
 
     # ------------------------------------------------------------------------------------ build
 
@@ -258,14 +298,8 @@ class VectorIndex:
     def _flat_to_device(self) -> None:
         """GPU exact search: faiss-gpu or torch, by the recipe or by measuring both here."""
         vectors, ids = self._flat_vectors()
-        options = {}
-        if self.cfg.exact in ("auto", "torch") and torch_gpu_count() > 0:
-            options["torch"] = self._torch_exact(vectors, ids)
-        if self.cfg.exact in ("auto", "faiss") and gpu_count() > 0:
-            options["faiss"] = self._faiss_flat(vectors)
-        if not options:
-            raise TrtragError(f"index.exact is {self.cfg.exact} but that engine has no GPU here",
-                              "set index.exact: auto, or install faiss-gpu / torch with CUDA")
+        build = {"torch": lambda: self._torch_exact(vectors, ids), "faiss": lambda: self._faiss_flat(vectors)}
+        options = {name: build[name]() for name in self._placement().engines}
         if len(options) > 1:
             timings = {name: _time_search(engine, self.dim) for name, engine in options.items()}
             best = min(timings, key=lambda n: timings[n]["batch1_ms"] + timings[n]["batch64_ms"] / 8)
