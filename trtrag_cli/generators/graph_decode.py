@@ -205,7 +205,7 @@ class GraphDecoder:
         self._graphs = {}
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self._counts = torch.zeros(batch * self.n_heads, dtype=torch.int32, device=self.device)  # decode_kernels
+        self._counts = torch.zeros(batch * self.n_kv, dtype=torch.int32, device=self.device)  # decode_kernels
 
     # ------------------------------------------------------------------------------------ forward
 
@@ -255,7 +255,7 @@ class GraphDecoder:
         """One decode step for rows [0, batch): logits [batch, vocab] for tokens at their positions,
         attending to the first `span` cache positions (all positions so far fit in it)."""
         if self.kernels is not None and batch == 1:
-            return self._kernel_step(span)
+            return self._kernel_step()
         torch = self.torch
         F = torch.nn.functional
         tokens, positions = self.tokens[:batch], self.positions[:batch]
@@ -268,9 +268,10 @@ class GraphDecoder:
             h = self._decode(h, cos, sin, rows, positions, visible, k_cache, v_cache, *self._weights(layer))
         return F.linear(self._norm(h, self.final_norm), self.head)
 
-    def _kernel_step(self, span: int):
-        """_step for one row through decode_kernels. The residual stream is kept in float32 (the output and
-        down projections add into it) where transformers rounds it to the model's dtype after each add."""
+    def _kernel_step(self):
+        """_step for one row through decode_kernels (its attention reads the positions so far, whatever the
+        span). The residual stream is kept in float32 (the output and down projections add into it) where
+        transformers rounds it to the model's dtype after each add."""
         kernels = self.kernels
         positions = self.positions[:1]
         cos, sin = self._rope_tables()
