@@ -209,18 +209,23 @@ class GraphDecoder:
 
     # ------------------------------------------------------------------------------------ forward
 
-    def _prefill_layer(self, h, cos, sin, k_row, v_row, in_norm, qkv, qkv_bias, o, post_norm, gate_up, down):
+    def _prefill_layer(self, h, cos, sin, k_row, v_row, in_norm, qkv, qkv_bias, o, post_norm, gate_up, down,
+                       last: bool = False):
         """One layer over a whole prompt h [n, hidden], writing its K and V into one cache row
-        (k_row, v_row: [kv heads, length, head dim] views, so that one compiled graph serves every row)."""
+        (k_row, v_row: [kv heads, length, head dim] views, so that one compiled graph serves every row).
+        last: the model's last layer, whose output only the last position's logits read: after K and V,
+        attention, the output projection and the MLP run for that one position ([1, hidden] out)."""
         F = self.torch.nn.functional
         n = h.shape[0]
         q, k, v = self._split_heads(F.linear(self._norm(h, in_norm), qkv, qkv_bias), (n,))
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         k_row[:, :n] = k.transpose(0, 1)
         v_row[:, :n] = v.transpose(0, 1)
+        if last:     # the last position sees every position: no causal mask
+            h, q = h[-1:], q[-1:]
         out = self._attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                           is_causal=True)
-        h = self._linear_add(h, out[0].transpose(0, 1).reshape(n, -1), o)
+                           is_causal=not last)
+        h = self._linear_add(h, out[0].transpose(0, 1).reshape(h.shape[0], -1), o)
         return self._mlp(h, post_norm, gate_up, down)
 
     def _decode_layer(self, h, cos, sin, rows, positions, visible, k_cache, v_cache, in_norm, qkv, qkv_bias,
@@ -247,9 +252,10 @@ class GraphDecoder:
         n = len(ids)
         cos, sin = (t[:n, None, :] for t in self._rope_tables())
         h = F.embedding(torch.tensor(ids, device=self.device), self.embed)
-        for layer, (k_cache, v_cache) in zip(self.layers, self._cache):
-            h = self._prefill(h, cos, sin, k_cache[row], v_cache[row], *self._weights(layer))
-        return F.linear(self._norm(h[-1:], self.final_norm), self.head)[0]
+        final = len(self.layers) - 1
+        for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, self._cache)):
+            h = self._prefill(h, cos, sin, k_cache[row], v_cache[row], *self._weights(layer), last=index == final)
+        return F.linear(self._norm(h, self.final_norm), self.head)[0]
 
     def _step(self, batch: int, span: int):
         """One decode step for rows [0, batch): logits [batch, vocab] for tokens at their positions,
