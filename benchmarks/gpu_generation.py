@@ -85,6 +85,21 @@ def profile_step(model, tok, setting: dict) -> dict:
     return out
 
 
+def random_llama_13b(layers: int = 40):
+    """The Llama-2-13B shape with random bf16 weights, built on the GPU (speed does not depend on the values);
+    the default dtype is left at float32."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=layers, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True, help="a folder with tokenizer.json (ids are random anyway)")
@@ -98,17 +113,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from trtrag_cli.bench import bench_generation
     from trtrag_cli.generators.hf import TransformersBackend
 
-    cfg = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=args.layers,
-                      num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096)
-    with torch.device("cuda"):
-        torch.set_default_dtype(torch.bfloat16)
-        model = LlamaForCausalLM(cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    model = random_llama_13b(args.layers)
     model.generation_config.eos_token_id = None  # random weights: always generate the full 128 tokens
     params = sum(p.numel() for p in model.parameters())
     report = {"gpu": torch.cuda.get_device_name(0), "params_b": round(params / 1e9, 2), "torch": torch.__version__}

@@ -1,9 +1,8 @@
 """Probe: where TTFT(1024) goes on one card. The compiled prefill (kernels variant's), 1024 tokens:
 back to back against spaced (0.5 s idle before each), with CUDA-event GPU time and the SM clock after each;
-the kernel trace's busy time and first-to-last span
-our generate() of one token
-cuBLAS as is against
-PyTorch's TunableOp (cuBLAS/cuBLASLt algorithms timed per GEMM shape), taking turns.
+the kernel trace's busy time and first-to-last span; our generate() of one token; cuBLAS as is against
+PyTorch's TunableOp (cuBLAS/cuBLASLt algorithms timed per GEMM shape), taking turns. TunableOp writes its
+choices to the file set_filename names when the process ends.
 Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/ttft_clock.py (run 14)
 """
 import json
@@ -13,15 +12,11 @@ import sys
 import time
 import torch
 sys.path.insert(0, ".")
-from transformers import LlamaConfig, LlamaForCausalLM
+sys.path.insert(0, "benchmarks")
+from gpu_generation import random_llama_13b
 from trtrag_cli.generators.graph_decode import GraphDecoder
 OUT = os.environ.get("OUT", ".")
-cfg = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                  num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096)
-with torch.device("cuda"):
-    torch.set_default_dtype(torch.bfloat16)
-    model = LlamaForCausalLM(cfg).eval()
-torch.set_default_dtype(torch.float32)
+model = random_llama_13b()
 dec = GraphDecoder(model, compile=True)
 ids = list(range(100, 1124))
 report = {"gpu": torch.cuda.get_device_name(0)}
@@ -94,7 +89,6 @@ with torch.inference_mode():
         tunable.enable(False)
         b = prefill()
         report["tunable_logits_max_diff"] = (a.float() - b.float()).abs().max().item()
-        tunable.write_file()
     except Exception as exc:
         report["tunable_error"] = repr(exc)[:500]
 print(json.dumps(report, indent=1))
