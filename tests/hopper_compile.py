@@ -23,7 +23,9 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
 
-ALIGNED = re.compile(r"_ptr$|^stride_")     # what a launch with contiguous tensors tells triton divides by 16
+# What a launch tells triton divides by 16: pointers to contiguous tensors, their strides, and the Llama-2-13B
+# sizes and K spans (all multiples of 16, which triton specialises on; the loads are vectorised for it).
+ALIGNED = re.compile(r"_ptr$|^stride_|^(N|K|span)$")
 
 
 def compile_for_hopper(kernel, types: dict, constants: dict, warps: int) -> dict:
@@ -44,17 +46,21 @@ def compile_for_hopper(kernel, types: dict, constants: dict, warps: int) -> dict
 
 
 def matvec_configurations():
-    types = dict(x_ptr="*fp32", w_ptr="*bf16", out_ptr="*bf16", bias_ptr="*bf16", gain_ptr="*bf16", N="i32",
-                 K="i32", span="i32", eps="fp32")
+    types = dict(x_ptr="*fp32", w_ptr="*bf16", out_ptr="*bf16", bias_ptr="*bf16", gain_ptr="*bf16",
+                 token_ptr="*i64", copy_ptr="*fp32", pos_ptr="*i64", best_ptr="*i64", N="i32", K="i32", span="i32",
+                 eps="fp32")
     uses = {"qkv": (15360, 5120, dict(RMSNORM=True)), "o": (5120, 5120, dict(ACCUMULATE=True)),
             "gate_up": (13824, 5120, dict(RMSNORM=True, SWIGLU=True)), "down": (5120, 13824, dict(ACCUMULATE=True)),
-            "head": (32000, 5120, dict(RMSNORM=True))}
+            "head": (32000, 5120, dict(RMSNORM=True)),
+            "qkv, first layer": (15360, 5120, dict(RMSNORM=True, EMBED=True)),   # x is the embedding table
+            "head, greedy": (32000, 5120, dict(RMSNORM=True, GREEDY=True))}
     for name, (n, k, flags) in uses.items():
         block_n, block_k, warps, _, halves = dk._tile(n, k, flags.get("ACCUMULATE", False), "SWIGLU" in flags)
-        constants = dict(RMSNORM=False, SWIGLU=False, ACCUMULATE=False, HAS_BIAS=False, PDL=True, BLOCK_N=block_n,
-                         BLOCK_K=block_k) | flags | dict(PAIRED=halves == 2)
+        constants = dict(RMSNORM=False, SWIGLU=False, ACCUMULATE=False, HAS_BIAS=False, EMBED=False, GREEDY=False,
+                         PDL=True, BLOCK_N=block_n, BLOCK_K=block_k) | flags | dict(PAIRED=halves == 2)
         out = "*fp32" if constants["ACCUMULATE"] else "*bf16"
-        yield f"matvec {name}", dk._matvec_kernel, dict(types, out_ptr=out), constants, warps
+        x = "*bf16" if constants["EMBED"] else "*fp32"
+        yield f"matvec {name}", dk._matvec_kernel, dict(types, out_ptr=out, x_ptr=x), constants, warps
 
 
 def attention_configurations():

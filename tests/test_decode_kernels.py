@@ -73,6 +73,35 @@ def test_matvec_swiglu_pairs_gate_and_up_rows(dk, dtype, tile):
     _close(got, torch.nn.functional.silu(gate) * up, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile", [(8, 32, 2, 1, 1), (16, 64, 4, 1, 2)], ids=["rows", "halves-asked"])
+def test_matvec_embeds_the_token_and_writes_the_greedy_one(dk, dtype, tile):
+    """The ends of a step: the first matrix reads the embedding row its token names (and starts the residual
+    stream with it); the head writes the argmax (ties to the first column) and moves the position on."""
+    torch.manual_seed(5)
+    vocab, k = 90, 160
+    table, w, gain = _rand(vocab, k, dtype=dtype), _rand(vocab, k, dtype=dtype, scale=0.1), _rand(k, dtype=dtype)
+    w[17] += 0.5 * w[17].sign()
+    w[61] = w[17]                          # rows 17 and 61 tie whatever the input: 17 must win where they lead
+    tokens = torch.tensor([33], device=DEVICE)
+    positions = torch.tensor([7], device=DEVICE)
+    scratch = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    residual = torch.full((k,), float("nan"), device=DEVICE)
+    logits = dk.matvec(table, w, gain=gain, eps=1e-5, tile=tile, token=tokens, copy_into=residual)
+    xf = table[33].float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean() + 1e-5) * gain.float()
+    _close(logits, w.float() @ normed, dtype)
+    assert torch.equal(residual, xf)
+    for step in range(3):                  # the scratch values must be left at zero for the next call
+        x = table[int(tokens[0])]
+        logits = dk.matvec(x, w, gain=gain, eps=1e-5, tile=tile, greedy=(tokens, positions, scratch))
+        assert int(tokens[0]) == int(logits.argmax()), step
+        assert int(positions[0]) == 8 + step and not scratch.any()
+    x = torch.where(w[17] > 0, 1.0, -1.0).to(DEVICE, dtype)          # rows 17 and 61 lead, tied
+    logits = dk.matvec(x, w, tile=tile, greedy=(tokens, positions, scratch))
+    assert logits[17] == logits[61] == logits.max() and int(tokens[0]) == 17
+
+
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
@@ -161,8 +190,8 @@ def test_kernels_compile_for_hopper_without_spills(dk):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"matvec qkv", "matvec o", "matvec gate_up", "matvec down", "matvec head",
-            "attention 40 heads", "attention groups of 8"} <= set(report)
+    assert {"matvec qkv", "matvec o", "matvec gate_up", "matvec down", "matvec head", "matvec qkv, first layer",
+            "matvec head, greedy", "attention 40 heads", "attention groups of 8"} <= set(report)
     assert all(usage["stack_bytes"] == 0 for usage in report.values()), report
     threads = 32 * dk.ATTENTION["warps"] * dk.ATTENTION["programs_per_sm"]
     assert all(report[name]["registers"] * threads <= 65536 for name in report if name.startswith("attention"))

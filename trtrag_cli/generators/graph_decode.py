@@ -134,7 +134,7 @@ class GraphDecoder:
         self._rope = None        # cos, sin: [context, head_dim], the model's own rotary embedding
         self._cache = None       # per layer (k, v): [batch, kv heads, length, head dim]
         self._graphs: dict = {}  # (batch, attention span, sampling) -> captured CUDA graph
-        self.tokens = self.positions = self._counts = None
+        self.tokens = self.positions = self._counts = self._scratch = None
         self._lock = threading.Lock()   # one request at a time owns the cache (serve streams on threads)
         self._prefill, self._decode = self._prefill_layer, self._decode_layer
         if compile:  # fuses RMSNorm, RoPE and SiLU x up into single kernels; one compilation serves every layer
@@ -142,6 +142,7 @@ class GraphDecoder:
             self._decode = torch.compile(self._decode_layer, fullgraph=True)
         self.compiled = compile
         self.kernels = _decode_kernels(self) if kernels else None
+        self.fused_greedy = True   # greedy one-row steps take their token in the head kernel (False: argmax after)
 
     # ------------------------------------------------------------------------------------ pieces
 
@@ -206,6 +207,7 @@ class GraphDecoder:
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
         self._counts = torch.zeros(batch * self.n_kv, dtype=torch.int32, device=self.device)  # decode_kernels
+        self._scratch = torch.zeros(2, dtype=torch.long, device=self.device)                  # and its argmax
 
     # ------------------------------------------------------------------------------------ forward
 
@@ -274,22 +276,28 @@ class GraphDecoder:
             h = self._decode(h, cos, sin, rows, positions, visible, k_cache, v_cache, *self._weights(layer))
         return F.linear(self._norm(h, self.final_norm), self.head)
 
-    def _kernel_step(self):
+    def _kernel_step(self, greedy: bool = False):
         """_step for one row through decode_kernels (its attention reads the positions so far, whatever the
         span). The residual stream is kept in float32 (the output and down projections add into it) where
-        transformers rounds it to the model's dtype after each add."""
-        kernels = self.kernels
+        transformers rounds it to the model's dtype after each add. The first Q/K/V kernel reads the token's
+        embedding itself; greedy: the head kernel also writes the next token and moves the position on (no
+        argmax or bookkeeping kernels after it)."""
+        torch, kernels = self.torch, self.kernels
         positions = self.positions[:1]
         cos, sin = self._rope_tables()
-        h = self.torch.nn.functional.embedding(self.tokens[:1], self.embed)[0].float()
-        for layer, (k_cache, v_cache) in zip(self.layers, self._cache):
-            qkv = kernels.matvec(h, layer.qkv, gain=layer.in_norm, eps=self.eps, bias=layer.qkv_bias)
+        h = torch.empty(self.embed.shape[1], dtype=torch.float32, device=self.device)
+        for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, self._cache)):
+            first = index == 0
+            qkv = kernels.matvec(self.embed if first else h, layer.qkv, gain=layer.in_norm, eps=self.eps,
+                                 bias=layer.qkv_bias, token=self.tokens[:1] if first else None,
+                                 copy_into=h if first else None)
             attended = kernels.fused_attention(qkv[None], cos, sin, positions, k_cache, v_cache, self._counts,
                                                self.scale, self.n_heads)
             kernels.matvec(attended[0], layer.o, out=h)
             gated = kernels.matvec(h, layer.gate_up, gain=layer.post_norm, eps=self.eps, swiglu=True)
             kernels.matvec(gated, layer.down, out=h)
-        return kernels.matvec(h, self.head, gain=self.final_norm, eps=self.eps)[None]
+        chosen = (self.tokens, self.positions, self._scratch) if greedy else None
+        return kernels.matvec(h, self.head, gain=self.final_norm, eps=self.eps, greedy=chosen)[None]
 
     def _sample(self, logits, temperature: float, top_k: int, top_p: float):
         """Next tokens [batch] from logits [batch, vocab], on the device and without host syncs."""
@@ -310,6 +318,9 @@ class GraphDecoder:
 
     def _advance(self, batch: int, span: int, sampling: tuple) -> None:
         """Decode one token for every row: sample from the step's logits, write it back, move on."""
+        if self.kernels is not None and batch == 1 and sampling[0] <= 0 and self.fused_greedy:
+            self._kernel_step(greedy=True)
+            return
         chosen = self._sample(self._step(batch, span), *sampling)
         self.tokens[:batch].copy_(chosen)
         self.positions[:batch].add_(1)
@@ -340,7 +351,7 @@ class GraphDecoder:
         """Free the K/V cache and the captured graphs now (the compiled layer functions hold a reference
         back to this object, so without this they would wait for the garbage collector)."""
         self._cache = self._graphs = self._rope = None
-        self.tokens = self.positions = self._counts = None
+        self.tokens = self.positions = self._counts = self._scratch = None
         self._prefill = self._decode = None
         self.layers = []
 
