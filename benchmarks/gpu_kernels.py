@@ -176,7 +176,7 @@ def bench_attention(span: int = 1280, position: int = 1087) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("gpu-kernels.json"))
-    ap.add_argument("--tiles", default=TILES, help="BLOCK_NxBLOCK_KxWARPSxSPLITSxHALVES[xREGISTERS], comma-separated")
+    ap.add_argument("--tiles", default=TILES, help="BLOCK_NxBLOCK_KxWARPSxSPLITSxHALVES, comma-separated")
     ap.add_argument("--skip", default="", help="matrices,attention: parts to leave out")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="which matrices to time: " + ",".join(SHAPES))
     args = ap.parse_args()

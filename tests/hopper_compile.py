@@ -47,8 +47,7 @@ def compile_for_hopper(kernel, types: dict, constants: dict, warps: int) -> dict
 
 def matvec_configurations():
     types = dict(x_ptr="*fp32", w_ptr="*bf16", out_ptr="*bf16", bias_ptr="*bf16", gain_ptr="*bf16",
-                 token_ptr="*i64", copy_ptr="*fp32", pos_ptr="*i64", best_ptr="*i64", N="i32", K="i32", span="i32",
-                 eps="fp32")
+                 token_ptr="*i64", copy_ptr="*fp32", best_ptr="*i64", N="i32", K="i32", span="i32", eps="fp32")
     uses = {"qkv": (15360, 5120, dict(RMSNORM=True)), "o": (5120, 5120, dict(ACCUMULATE=True)),
             "gate_up": (13824, 5120, dict(RMSNORM=True, SWIGLU=True)), "down": (5120, 13824, dict(ACCUMULATE=True)),
             "head": (32000, 5120, dict(RMSNORM=True)),

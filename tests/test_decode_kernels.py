@@ -85,14 +85,14 @@ def test_matvec_embeds_the_token_and_writes_the_greedy_one(dk, dtype, tile):
     w[61] = w[17]                          # rows 17 and 61 tie whatever the input: 17 must win where they lead
     tokens = torch.tensor([33], device=DEVICE)
     positions = torch.tensor([7], device=DEVICE)
-    scratch = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    scratch = torch.zeros(1, dtype=torch.long, device=DEVICE)
     residual = torch.full((k,), float("nan"), device=DEVICE)
     logits = dk.matvec(table, w, gain=gain, eps=1e-5, tile=tile, token=tokens, copy_into=residual)
     xf = table[33].float()
     normed = xf * torch.rsqrt(xf.pow(2).mean() + 1e-5) * gain.float()
     _close(logits, w.float() @ normed, dtype)
     assert torch.equal(residual, xf)
-    for step in range(3):                  # the scratch values must be left at zero for the next call
+    for step in range(3):                  # the scratch value must be left at zero for the next call
         x = table[int(tokens[0])]
         logits = dk.matvec(x, w, gain=gain, eps=1e-5, tile=tile, greedy=(tokens, positions, scratch))
         assert int(tokens[0]) == int(logits.argmax()), step

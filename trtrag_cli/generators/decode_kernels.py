@@ -31,12 +31,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# (BLOCK_N, BLOCK_K, warps, K splits, halves[, registers]) per weight shape [N, K] (for SwiGLU, N is the
-# gate's rows): the fastest of benchmarks/gpu_kernels.py's sweep on an H200 for the Llama-2-13B shapes.
-# halves = 2: each program sums BLOCK_N rows of the matrix's first half and the same rows of its second half
-# (SwiGLU's gate and up always). registers: a cap per thread (ptxas's maxnreg), so that more programs fit on
-# a multiprocessor. Other shapes get _tile's rule, which follows the same results.
-TILES: dict[tuple[int, int], tuple[int, ...]] = {
+# (BLOCK_N, BLOCK_K, warps, K splits, halves) per weight shape [N, K] (for SwiGLU, N is the gate's rows):
+# the fastest of benchmarks/gpu_kernels.py's sweep on an H200 for the Llama-2-13B shapes. halves = 2: each
+# program sums BLOCK_N rows of the matrix's first half and the same rows of its second half (SwiGLU's
+# gate and up always). Other shapes get _tile's rule, which follows the same results.
+TILES: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
     (15360, 5120): (8, 256, 4, 1, 1), (5120, 5120): (8, 512, 4, 1, 1), (13824, 5120): (4, 256, 4, 1, 2),
     (5120, 13824): (8, 256, 4, 4, 2), (32000, 5120): (8, 256, 4, 1, 1)}
 
@@ -75,8 +74,8 @@ def _weights(ptr, ks, col_ok, last):
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, token_ptr, copy_ptr, pos_ptr, best_ptr, N, K, span,
-                   eps, RMSNORM: tl.constexpr, PAIRED: tl.constexpr, SWIGLU: tl.constexpr, ACCUMULATE: tl.constexpr,
+def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, token_ptr, copy_ptr, best_ptr, N, K, span, eps,
+                   RMSNORM: tl.constexpr, PAIRED: tl.constexpr, SWIGLU: tl.constexpr, ACCUMULATE: tl.constexpr,
                    HAS_BIAS: tl.constexpr, EMBED: tl.constexpr, GREEDY: tl.constexpr, PDL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,28 +129,30 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, token_ptr, copy_pt
     if PAIRED and not SWIGLU:
         _matvec_store(out_ptr, bias_ptr, cols + N, col_ok, y_pair, ACCUMULATE, HAS_BIAS)
     if GREEDY:
-        _greedy(y.to(out_ptr.dtype.element_ty).to(tl.float32), cols, col_ok, token_ptr, pos_ptr, best_ptr)
+        _greedy(y.to(out_ptr.dtype.element_ty).to(tl.float32), cols, col_ok, best_ptr)
 
 
 @triton.jit
-def _greedy(y, cols, col_ok, token_ptr, pos_ptr, best_ptr):
-    """Argmax over every program's logits y (already rounded to the output's dtype, as an argmax of the stored
-    logits sees them): each program offers its best as one int64, the logit's order in the high bits and the
-    column's complement in the low 31 (ties go to the first column, as torch.argmax's do); the last program to
-    finish writes the token, moves the position on and leaves the two scratch values at zero."""
+def _greedy(y, cols, col_ok, best_ptr):
+    """Offer this program's best logit of y (already rounded to the output's dtype, as an argmax of the stored
+    logits sees them) as one int64: the logit's order in the high bits, the column's complement in the low 31
+    (ties go to the first column, as torch.argmax's do). _pick_kernel reads the maximum."""
     y = tl.where(col_ok, y, float("-inf"))
     top = tl.max(y, 0)
     col = tl.min(tl.where(y == top, cols, 2147483647), 0).to(tl.int64)
     bits = top.to(tl.int32, bitcast=True).to(tl.int64)
     order = tl.where(bits < 0, -2147483649 - bits, bits) + 2147483648   # float order, in [0, 2^32)
     tl.atomic_max(best_ptr, order * 2147483648 + (2147483647 - col), sem="relaxed")
-    tl.debug_barrier()
-    finished = tl.atomic_add(best_ptr + 1, 1, sem="acq_rel")
-    if finished == tl.num_programs(0) * tl.num_programs(1) - 1:
-        best = tl.atomic_xchg(best_ptr, 0, sem="acq_rel")
-        tl.store(token_ptr, 2147483647 - best % 2147483648)
-        tl.store(pos_ptr, tl.load(pos_ptr) + 1)
-        tl.store(best_ptr + 1, 0)
+
+
+@triton.jit
+def _pick_kernel(best_ptr, token_ptr, pos_ptr, PDL: tl.constexpr):
+    """After a greedy matvec: the token its programs agreed on, the position moved on, the maximum reset."""
+    _await_previous(PDL)
+    best = tl.load(best_ptr)
+    tl.store(token_ptr, 2147483647 - best % 2147483648)
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+    tl.store(best_ptr, 0)
 
 
 @triton.jit
@@ -185,14 +186,15 @@ def matvec(x, weight, *, out=None, bias=None, gain=None, eps: float = 1e-6, swig
     in weight's dtype. x and weight must be contiguous. tile: see TILES.
     token (a one-element integer tensor): x is a table [rows, K] (the embeddings) and its row token[0] the
     input, which is also stored as float32 into copy_into [K] (the residual stream starts with it).
-    greedy (tokens, positions, scratch): also write the argmax of the result into tokens[0] and add one to
-    positions[0]; scratch is two int64 zeros, left zeroed. Both read and write on the device only.
+    greedy (tokens, positions, scratch): then write the argmax of the result into tokens[0] and add one to
+    positions[0] (a one-program kernel after this one); scratch is an int64 zero, left at zero. Both read
+    and write on the device only.
     """
     import torch
 
     n, k = weight.shape
     n = n // 2 if swiglu else n
-    block_n, block_k, warps, splits, halves, *cap = tile or _tile(n, k, out is not None, swiglu)
+    block_n, block_k, warps, splits, halves = tile or _tile(n, k, out is not None, swiglu)
     paired = swiglu or (halves == 2 and n % 2 == 0 and greedy is None)   # greedy: one half
     if out is None or gain is not None:
         splits = 1                           # a plain store, and RMSNorm needs the whole row
@@ -201,13 +203,15 @@ def matvec(x, weight, *, out=None, bias=None, gain=None, eps: float = 1e-6, swig
     result = out if out is not None else torch.empty(n, dtype=weight.dtype, device=weight.device)
     rows = n // 2 if paired and not swiglu else n
     pdl = _pdl(weight)
-    tokens, positions, scratch = greedy or (token, result, result)
+    tokens, positions, scratch = greedy or (token, None, result)
     _matvec_kernel[(triton.cdiv(rows, block_n), splits)](
         x, weight, result, result if bias is None else bias, result if gain is None else gain,
-        result if tokens is None else tokens, result if copy_into is None else copy_into, positions, scratch,
-        rows, k, span, eps, RMSNORM=gain is not None, PAIRED=paired, SWIGLU=swiglu, ACCUMULATE=out is not None,
+        result if tokens is None else tokens, result if copy_into is None else copy_into, scratch, rows, k, span,
+        eps, RMSNORM=gain is not None, PAIRED=paired, SWIGLU=swiglu, ACCUMULATE=out is not None,
         HAS_BIAS=bias is not None, EMBED=token is not None, GREEDY=greedy is not None, PDL=pdl, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, launch_pdl=pdl, **({"maxnreg": cap[0]} if cap and cap[0] else {}))
+        BLOCK_K=block_k, num_warps=warps, launch_pdl=pdl)
+    if greedy is not None:
+        _pick_kernel[(1,)](scratch, tokens, positions, PDL=pdl, num_warps=1, launch_pdl=pdl)
     return result
 
 

@@ -207,7 +207,7 @@ class GraphDecoder:
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
         self._counts = torch.zeros(batch * self.n_kv, dtype=torch.int32, device=self.device)  # decode_kernels
-        self._scratch = torch.zeros(2, dtype=torch.long, device=self.device)                  # and its argmax
+        self._scratch = torch.zeros(1, dtype=torch.long, device=self.device)                  # and its argmax
 
     # ------------------------------------------------------------------------------------ forward
 
