@@ -100,6 +100,9 @@ def test_matvec_embeds_the_token_and_writes_the_greedy_one(dk, dtype, tile):
     x = torch.where(w[17] > 0, 1.0, -1.0).to(DEVICE, dtype)          # rows 17 and 61 lead, tied
     logits = dk.matvec(x, w, tile=tile, greedy=(tokens, positions, scratch))
     assert logits[17] == logits[61] == logits.max() and int(tokens[0]) == 17
+    w[40] = float("nan")                   # a NaN logit wins, as in torch.argmax: never a token past the vocabulary
+    dk.matvec(x, w, tile=tile, greedy=(tokens, positions, scratch))
+    assert int(tokens[0]) == 40
 
 
 def _rotate(x, cos, sin):

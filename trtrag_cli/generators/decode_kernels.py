@@ -136,10 +136,11 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, token_ptr, copy_pt
 def _greedy(y, cols, col_ok, best_ptr):
     """Offer this program's best logit of y (already rounded to the output's dtype, as an argmax of the stored
     logits sees them) as one int64: the logit's order in the high bits, the column's complement in the low 31
-    (ties go to the first column, as torch.argmax's do). _pick_kernel reads the maximum."""
-    y = tl.where(col_ok, y, float("-inf"))
+    (ties go to the first column, as torch.argmax's do; NaN counts as the largest, as there, so the token is
+    always a column). _pick_kernel reads the maximum."""
+    y = tl.where(col_ok, tl.where(y != y, float("inf"), y), float("-inf"))
     top = tl.max(y, 0)
-    col = tl.min(tl.where(y == top, cols, 2147483647), 0).to(tl.int64)
+    col = tl.min(tl.where((y == top) & col_ok, cols, 2147483647), 0).to(tl.int64)
     bits = top.to(tl.int32, bitcast=True).to(tl.int64)
     order = tl.where(bits < 0, -2147483649 - bits, bits) + 2147483648   # float order, in [0, 2^32)
     tl.atomic_max(best_ptr, order * 2147483648 + (2147483647 - col), sem="relaxed")
