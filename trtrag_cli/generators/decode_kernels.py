@@ -15,6 +15,9 @@ were kernels of their own. Here a layer is five kernels:
   - `matvec` for gate and up together (RMSNorm folded in; each program sums a block of gate rows and
     the matching up rows) writing SiLU(gate) * up;
   - `matvec` for down, added into the residual stream; its K is split over programs (atomic adds).
+The step's ends need no kernels of their own: the first Q/K/V `matvec` reads the token's embedding row
+(and starts the residual stream with it), and for greedy decoding the head's `matvec` takes the argmax,
+with a one-program kernel after it writing the token and moving the position on.
 Each matrix program streams [BLOCK_N x BLOCK_K] weight tiles with the next tile's load in flight while
 the current one is summed, in float32; weights are marked to leave L2 first (each is read once a step,
 the activations many times). On Hopper the kernels use programmatic dependent launch: a kernel

@@ -17,9 +17,10 @@ With `compile`, each layer function is compiled once for all layers (RMSNorm, Ro
 single kernels): on the H200 that took TTFT(1024) from 56 to 44 ms and batch-1 decode from 97 to 128
 tok/s. With `kernels` (and triton, which torch's CUDA wheels bring), a one-row step runs through
 decode_kernels instead: five Triton kernels a layer, norms and RoPE folded in, the residual stream in
-float32, attention reading only the positions so far: 147-154 tok/s on H200 cards (README, "Generation on
-the GPU"). Batches of two or more rows use the torch layer functions. On the CPU the same code runs without
-graphs; tests compare it with transformers token for token.
+float32, attention reading only the positions so far, and for greedy decoding no other kernels (the token's
+embedding and the argmax are read and taken inside them): 150-155 tok/s on H200 cards, 110 on an H100
+(README, "Generation on the GPU"). Batches of two or more rows use the torch layer functions. On the CPU
+the same code runs without graphs; tests compare it with transformers token for token.
 """
 
 from __future__ import annotations
