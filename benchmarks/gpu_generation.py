@@ -100,6 +100,23 @@ def random_llama_13b(layers: int = 40):
     return model
 
 
+def step_loop_ms(dec, graph, steps: int = 64, position: int = 1024) -> float:
+    """ms per step of a decoder's captured one-row step replayed `steps` times from `position` (the probes'
+    bare step loop: no host checks between steps)."""
+    import torch
+
+    dec.tokens[:1].fill_(1000)
+    dec.positions[:1].fill_(position)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True, help="a folder with tokenizer.json (ids are random anyway)")

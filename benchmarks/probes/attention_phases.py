@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
-from gpu_generation import random_llama_13b  # noqa: E402
+from gpu_generation import random_llama_13b, step_loop_ms  # noqa: E402
 
 from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
 from trtrag_cli.generators.graph_decode import GraphDecoder  # noqa: E402
@@ -70,22 +70,10 @@ def main() -> None:
             graphs[name] = dec._graph(1, 1280, GREEDY)
         dk._attention_kernel = original
 
-        def loop(graph, steps: int = 64) -> float:
-            dec.tokens[:1].fill_(1000)
-            dec.positions[:1].fill_(1024)
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(steps):
-                graph.replay()
-            b.record()
-            b.synchronize()
-            return a.elapsed_time(b) / steps
-
         rounds = {name: [] for name in kernels}
         for _ in range(7):
             for name, graph in graphs.items():
-                rounds[name].append(round(loop(graph), 4))
+                rounds[name].append(round(step_loop_ms(dec, graph), 4))
     medians = {name: statistics.median(v) for name, v in rounds.items()}
     report = {"gpu": torch.cuda.get_device_name(0), "ms_per_step": medians,
               "us_per_layer_saved": {name: round((medians["full"] - m) * 1e3 / 40, 2) for name, m in medians.items()},

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
-from gpu_generation import random_llama_13b  # noqa: E402
+from gpu_generation import random_llama_13b, step_loop_ms  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
@@ -118,19 +118,6 @@ def main() -> None:
         report["setup_s"] = round(time.perf_counter() - started, 1)
         report["same_tokens"] = {name: seen == tokens["plain"] for name, seen in tokens.items()}
 
-        def loop(name: str, steps: int = 64) -> float:
-            graph = graphs[name][1, 1280, GREEDY]
-            dec.tokens[:1].fill_(1000)
-            dec.positions[:1].fill_(1024)
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(steps):
-                graph.replay()
-            b.record()
-            b.synchronize()
-            return a.elapsed_time(b) / steps
-
         def request(name: str, new: int) -> tuple[float, float]:
             """Seconds of one generate() and seconds from its first token's arrival to its end."""
             dec._graphs = graphs[name]
@@ -147,7 +134,7 @@ def main() -> None:
         clocks = []
         for _ in range(args.rounds):
             for name in VARIANTS:
-                step_ms[name].append(round(loop(name), 4))
+                step_ms[name].append(round(step_loop_ms(dec, graphs[name][1, 1280, GREEDY]), 4))
                 total, after_first = request(name, NEW)
                 totals[name].append(total)
                 inside[name].append(after_first)
