@@ -105,6 +105,29 @@ def test_matvec_embeds_the_token_and_writes_the_greedy_one(dk, dtype, tile):
     assert int(tokens[0]) == 40
 
 
+def test_ordered_tiles_never_split_k(dk):
+    """answer.deterministic: the narrow matrices' K is split over programs that add atomically, unless ordered."""
+    assert dk._tile(5120, 13824, True, False)[3] > 1                    # down in the Llama-2-13B step
+    assert dk._tile(5120, 13824, True, False, ordered=True)[3] == 1
+    assert dk._tile(4096, 14336, True, False, ordered=True)[3] == 1     # a shape TILES does not list
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the interpreter runs programs one by one, in order")
+def test_ordered_matvec_repeats_bit_for_bit(dk):
+    """With K splits the residual's atomic adds land in whatever order the programs finish; ordered, every run
+    gives the same bits (down's shape in the Llama-2-13B step)."""
+    torch.manual_seed(6)
+    x, w = _rand(13824, dtype=torch.bfloat16), _rand(5120, 13824, dtype=torch.bfloat16, scale=0.02)
+    start = _rand(5120, dtype=torch.float32)
+    runs = []
+    for _ in range(20):
+        residual = start.clone()
+        dk.matvec(x, w, out=residual, ordered=True)
+        runs.append(residual)
+    assert all(torch.equal(runs[0], run) for run in runs)
+    _close(runs[0], start + w.float() @ x.float(), torch.bfloat16)
+
+
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin

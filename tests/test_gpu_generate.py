@@ -40,9 +40,10 @@ def _prompts(n_rows, lengths=(37, 300, 5, 129)):
     return [Prompt("", [rng.randrange(2, 512) for _ in range(lengths[i % len(lengths)])], []) for i in range(n_rows)]
 
 
-@pytest.mark.parametrize("compile,kernels", [(False, False), (True, False), (True, True)],
-                         ids=["torch-layers", "compiled-layers", "triton-kernels"])
-def test_graph_decoder_gives_transformers_tokens(model_and_tokenizer, compile, kernels):
+@pytest.mark.parametrize("compile,kernels,deterministic",
+                         [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+                         ids=["torch-layers", "compiled-layers", "triton-kernels", "triton-kernels-ordered"])
+def test_graph_decoder_gives_transformers_tokens(model_and_tokenizer, compile, kernels, deterministic):
     from trtrag_cli.generators.hf import TransformersBackend
 
     model, tok = model_and_tokenizer
@@ -50,7 +51,8 @@ def test_graph_decoder_gives_transformers_tokens(model_and_tokenizer, compile, k
     prompts = _prompts(4)
     greedy = SamplingParams(max_new_tokens=300)   # crosses a 256-position attention span
     expected = [reference.generate([p], greedy)[0].text for p in prompts]
-    fast = TransformersBackend.from_model(model, tok, decode="graph", compile=compile, kernels=kernels)
+    fast = TransformersBackend.from_model(model, tok, decode="graph", compile=compile, kernels=kernels,
+                                          deterministic=deterministic)
     assert fast.decoder.graphs
     assert (fast.decoder.kernels is not None) == kernels   # torch on a GPU brings triton
     got = fast.generate(prompts, greedy)          # four ragged rows in one batch

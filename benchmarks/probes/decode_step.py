@@ -6,10 +6,11 @@ affects them alike), Llama-2-13B shape with random bf16 weights after a 1024-tok
   - whether every variant decodes the same greedy tokens as the first;
   - a kernel timeline of one step (how much each kind of kernel extends the step) and of one generate()
     (idle gaps between kernels: host syncs, graph boundaries).
-Variants (VARIANTS below) set decode_kernels.ATTENTION entries, GraphDecoder.fused_greedy, and whether the
-matrix tiles are gpu_kernels.py's best (--tiles) rather than decode_kernels.TILES.
+Variants (VARIANTS below) set decode_kernels.ATTENTION entries, GraphDecoder.fused_greedy and .deterministic,
+and whether the matrix tiles are gpu_kernels.py's best (--tiles) rather than decode_kernels.TILES.
 Run 19 compared an L2 prefetch of each attention program's run before its wait (and 1 or 3 programs per SM,
-blocks of 32) with the plain kernel; run 20 the greedy token taken in the head kernel, and register caps.
+blocks of 32) with the plain kernel; run 20 the greedy token taken in the head kernel, and register caps;
+run 28 answer.deterministic (down without K splits).
 Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/decode_step.py --tokenizer DIR [--tiles F]
 """
 import argparse
@@ -29,8 +30,8 @@ from transformers import AutoTokenizer  # noqa: E402
 from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
 from trtrag_cli.generators.hf import TransformersBackend  # noqa: E402
 
-VARIANTS = {"plain": {}, "argmax_after": {"fused_greedy": False}, "tuned": {"tiles": True},
-            "tuned_argmax_after": {"tiles": True, "fused_greedy": False}}
+VARIANTS = {"plain": {}, "argmax_after": {"fused_greedy": False}, "ordered": {"deterministic": True},
+            "tuned": {"tiles": True}, "tuned_argmax_after": {"tiles": True, "fused_greedy": False}}
 GREEDY = (0.0, 0, 1.0)
 PROMPT = list(range(100, 1124))
 NEW = 128
@@ -100,23 +101,30 @@ def main() -> None:
             dk.TILES.clear()
             dk.TILES.update(tuned if setting.get("tiles") else tiles)
             dec.fused_greedy = setting.get("fused_greedy", True)
+            dec.deterministic = setting.get("deterministic", False)
             dec._graphs = {}
             dec.tokens[:1].fill_(1000)
             dec.positions[:1].fill_(1024)
             graph = dec._graph(1, 1280, GREEDY)
             graphs[name] = dec._graphs
-            seen = []
-            for _ in range(16):
-                graph.replay()
-                seen.append(int(dec.tokens[0]))
-            tokens[name] = seen
+            passes = []
+            for _ in range(2):                         # the same 48 steps twice: do they repeat?
+                dec.tokens[:1].fill_(1000)
+                dec.positions[:1].fill_(1024)
+                seen = []
+                for _ in range(48):
+                    graph.replay()
+                    seen.append(int(dec.tokens[0]))
+                passes.append(seen)
+            tokens[name] = passes
         dk.ATTENTION.clear()
         dk.ATTENTION.update(default)
         dk.TILES.clear()
         dk.TILES.update(tiles)
-        dec.fused_greedy = True
+        dec.fused_greedy, dec.deterministic = True, False
         report["setup_s"] = round(time.perf_counter() - started, 1)
-        report["same_tokens"] = {name: seen == tokens["plain"] for name, seen in tokens.items()}
+        report["same_tokens"] = {name: passes[0] == tokens["plain"][0] for name, passes in tokens.items()}
+        report["repeats"] = {name: passes[0] == passes[1] for name, passes in tokens.items()}
 
         def request(name: str, new: int) -> tuple[float, float]:
             """Seconds of one generate() and seconds from its first token's arrival to its end."""

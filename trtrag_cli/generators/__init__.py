@@ -30,7 +30,7 @@ def open_backend(answer):
         from .hf import TransformersBackend
 
         return TransformersBackend(answer.model, answer.device, answer.dtype, answer.compile,
-                                   decode=answer.decode, kernels=answer.kernels)
+                                   decode=answer.decode, kernels=answer.kernels, deterministic=answer.deterministic)
     if answer.generator == "openai":
         from .openai_node import OpenAIBackend
 

@@ -100,7 +100,8 @@ def _decode_kernels(decoder):
 class GraphDecoder:
     """Prefill and decode for a loaded Llama-family `...ForCausalLM`, sharing its weights."""
 
-    def __init__(self, model, graphs: bool | None = None, compile: bool = False, kernels: bool = True):
+    def __init__(self, model, graphs: bool | None = None, compile: bool = False, kernels: bool = True,
+                 deterministic: bool = False):
         torch = deps.require("torch", "the fast decoder")
         reason = supports(model)
         if reason:
@@ -144,6 +145,7 @@ class GraphDecoder:
         self.compiled = compile
         self.kernels = _decode_kernels(self) if kernels else None
         self.fused_greedy = True   # greedy one-row steps take their token in the head kernel (False: argmax after)
+        self.deterministic = deterministic   # the kernels add into the residual in a fixed order (no K splits)
 
     # ------------------------------------------------------------------------------------ pieces
 
@@ -294,9 +296,9 @@ class GraphDecoder:
                                  copy_into=h if first else None)
             attended = kernels.fused_attention(qkv[None], cos, sin, positions, k_cache, v_cache, self._counts,
                                                self.scale, self.n_heads)
-            kernels.matvec(attended[0], layer.o, out=h)
+            kernels.matvec(attended[0], layer.o, out=h, ordered=self.deterministic)
             gated = kernels.matvec(h, layer.gate_up, gain=layer.post_norm, eps=self.eps, swiglu=True)
-            kernels.matvec(gated, layer.down, out=h)
+            kernels.matvec(gated, layer.down, out=h, ordered=self.deterministic)
         chosen = (self.tokens, self.positions, self._scratch) if greedy else None
         return kernels.matvec(h, self.head, gain=self.final_norm, eps=self.eps, greedy=chosen)[None]
 
