@@ -209,14 +209,14 @@ def matvec(x, weight, *, out=None, bias=None, gain=None, eps: float = 1e-6, swig
     result = out if out is not None else torch.empty(n, dtype=weight.dtype, device=weight.device)
     rows = n // 2 if paired and not swiglu else n
     pdl = _pdl(weight)
-    tokens, positions, scratch = greedy or (token, None, result)
     _matvec_kernel[(triton.cdiv(rows, block_n), splits)](
         x, weight, result, result if bias is None else bias, result if gain is None else gain,
-        result if tokens is None else tokens, result if copy_into is None else copy_into, scratch, rows, k, span,
-        eps, RMSNORM=gain is not None, PAIRED=paired, SWIGLU=swiglu, ACCUMULATE=out is not None,
-        HAS_BIAS=bias is not None, EMBED=token is not None, GREEDY=greedy is not None, PDL=pdl, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, launch_pdl=pdl)
+        result if token is None else token, result if copy_into is None else copy_into,
+        result if greedy is None else greedy[2], rows, k, span, eps, RMSNORM=gain is not None, PAIRED=paired,
+        SWIGLU=swiglu, ACCUMULATE=out is not None, HAS_BIAS=bias is not None, EMBED=token is not None,
+        GREEDY=greedy is not None, PDL=pdl, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, launch_pdl=pdl)
     if greedy is not None:
+        tokens, positions, scratch = greedy
         _pick_kernel[(1,)](scratch, tokens, positions, PDL=pdl, num_warps=1, launch_pdl=pdl)
     return result
 

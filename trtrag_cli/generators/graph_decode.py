@@ -262,11 +262,13 @@ class GraphDecoder:
             h = self._prefill(h, cos, sin, k_cache[row], v_cache[row], *self._weights(layer), last=index == final)
         return F.linear(self._norm(h, self.final_norm), self.head)[0]
 
-    def _step(self, batch: int, span: int):
+    def _step(self, batch: int, span: int, greedy: bool = False):
         """One decode step for rows [0, batch): logits [batch, vocab] for tokens at their positions,
-        attending to the first `span` cache positions (all positions so far fit in it)."""
+        attending to the first `span` cache positions (all positions so far fit in it). greedy: the caller
+        takes the argmax; where the kernels run the step, they take it themselves (the token written, the
+        position moved on) and None is returned."""
         if self.kernels is not None and batch == 1:
-            return self._kernel_step()
+            return self._kernel_step(greedy)
         torch = self.torch
         F = torch.nn.functional
         tokens, positions = self.tokens[:batch], self.positions[:batch]
@@ -283,8 +285,8 @@ class GraphDecoder:
         """_step for one row through decode_kernels (its attention reads the positions so far, whatever the
         span). The residual stream is kept in float32 (the output and down projections add into it) where
         transformers rounds it to the model's dtype after each add. The first Q/K/V kernel reads the token's
-        embedding itself; greedy: the head kernel also writes the next token and moves the position on (no
-        argmax or bookkeeping kernels after it)."""
+        embedding itself; greedy: the head kernel writes the next token and moves the position on (no argmax
+        or bookkeeping kernels after it), and None is returned."""
         torch, kernels = self.torch, self.kernels
         positions = self.positions[:1]
         cos, sin = self._rope_tables()
@@ -299,8 +301,11 @@ class GraphDecoder:
             kernels.matvec(attended[0], layer.o, out=h, ordered=self.deterministic)
             gated = kernels.matvec(h, layer.gate_up, gain=layer.post_norm, eps=self.eps, swiglu=True)
             kernels.matvec(gated, layer.down, out=h, ordered=self.deterministic)
-        chosen = (self.tokens, self.positions, self._scratch) if greedy else None
-        return kernels.matvec(h, self.head, gain=self.final_norm, eps=self.eps, greedy=chosen)[None]
+        if greedy:
+            kernels.matvec(h, self.head, gain=self.final_norm, eps=self.eps,
+                           greedy=(self.tokens, self.positions, self._scratch))
+            return None
+        return kernels.matvec(h, self.head, gain=self.final_norm, eps=self.eps)[None]
 
     def _sample(self, logits, temperature: float, top_k: int, top_p: float):
         """Next tokens [batch] from logits [batch, vocab], on the device and without host syncs."""
@@ -321,10 +326,10 @@ class GraphDecoder:
 
     def _advance(self, batch: int, span: int, sampling: tuple) -> None:
         """Decode one token for every row: sample from the step's logits, write it back, move on."""
-        if self.kernels is not None and batch == 1 and sampling[0] <= 0 and self.fused_greedy:
-            self._kernel_step(greedy=True)
+        logits = self._step(batch, span, greedy=sampling[0] <= 0 and self.fused_greedy)
+        if logits is None:            # the kernels took the greedy token themselves
             return
-        chosen = self._sample(self._step(batch, span), *sampling)
+        chosen = self._sample(logits, *sampling)
         self.tokens[:batch].copy_(chosen)
         self.positions[:batch].add_(1)
 
