@@ -6,11 +6,13 @@ affects them alike), Llama-2-13B shape with random bf16 weights after a 1024-tok
   - whether every variant decodes the same greedy tokens as the first;
   - a kernel timeline of one step (how much each kind of kernel extends the step) and of one generate()
     (idle gaps between kernels: host syncs, graph boundaries).
-Variants (VARIANTS below) set decode_kernels.ATTENTION entries, GraphDecoder.fused_greedy and .deterministic,
-and whether the matrix tiles are gpu_kernels.py's best (--tiles) rather than decode_kernels.TILES.
+Variants (VARIANTS below, --variants picks them) set decode_kernels.ATTENTION entries, GraphDecoder.fused_greedy
+and .deterministic, and whether the matrix tiles are gpu_kernels.py's best (--tiles) rather than decode_kernels.TILES.
 Run 19 compared an L2 prefetch of each attention program's run before its wait (and 1 or 3 programs per SM,
 blocks of 32) with the plain kernel; run 20 the greedy token taken in the head kernel, and register caps;
-run 28 answer.deterministic (down without K splits).
+run 28 answer.deterministic (down without K splits); runs 32 and 35 a second weight tile or cache block loaded
+before the PDL wait, runs 34 and 36 the step's kernels waiting for each other through counters of finished
+programs rather than PDL's grid wait (changes to the kernels since removed: results/gpu-generation-h200/README.md).
 Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/decode_step.py --tokenizer DIR [--tiles F]
 """
 import argparse
@@ -73,7 +75,12 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--tiles", help="gpu_kernels.py's JSON, for the variants with tiles")
+    ap.add_argument("--variants", default="plain,argmax_after,ordered,tuned,tuned_argmax_after",
+                    help="which of VARIANTS, comma-separated (the first is the reference)")
     args = ap.parse_args()
+    chosen = args.variants.split(",")
+    for name in [name for name in VARIANTS if name not in chosen]:
+        del VARIANTS[name]
     tuned = dict(dk.TILES)
     if args.tiles:
         for shape, tile in json.loads(open(args.tiles).read())["best_tiles"].items():
@@ -123,7 +130,7 @@ def main() -> None:
         dk.TILES.update(tiles)
         dec.fused_greedy, dec.deterministic = True, False
         report["setup_s"] = round(time.perf_counter() - started, 1)
-        report["same_tokens"] = {name: passes[0] == tokens["plain"][0] for name, passes in tokens.items()}
+        report["same_tokens"] = {name: passes[0] == tokens[chosen[0]][0] for name, passes in tokens.items()}
         report["repeats"] = {name: passes[0] == passes[1] for name, passes in tokens.items()}
 
         def request(name: str, new: int) -> tuple[float, float]:
@@ -159,25 +166,27 @@ def main() -> None:
         report["sm_clock_mhz_after_rounds"] = clocks
         print(json.dumps(report, indent=1), flush=True)
 
-        # Timelines: one step (default graph) and one generate() of 32 tokens.
-        dec._graphs = graphs["plain"]
-        graph = graphs["plain"][1, 1280, GREEDY]
-        dec.positions[:1].fill_(1024)
-        graph.replay()
-        extends: dict = {}
-        spans = []
-        for _ in range(3):
+        # Timelines: one step of each variant and one generate() of 32 tokens (the first variant).
+        report["step_timeline"] = {}
+        for name in reversed(list(VARIANTS)):   # ending on the first, for the generate() timeline
+            dec._graphs = graphs[name]
+            graph = graphs[name][1, 1280, GREEDY]
             dec.positions[:1].fill_(1024)
-            torch.cuda.synchronize()
-            found = kernels_of(graph.replay)
-            names = label([k[0] for k in found])
-            spans.append(found[-1][2] - found[0][1])
-            for i in range(1, len(found)):
-                extends.setdefault(names[i], []).append(found[i][2] - found[i - 1][2])
-        report["step_timeline"] = {
-            "kernels": len(found), "span_us": [round(s, 1) for s in spans],
-            "extends_us": {k: {"count_per_step": len(v) // 3, "median": round(med(v), 2),
-                               "total_per_step": round(sum(v) / 3, 1)} for k, v in extends.items()}}
+            graph.replay()
+            extends: dict = {}
+            spans = []
+            for _ in range(3):
+                dec.positions[:1].fill_(1024)
+                torch.cuda.synchronize()
+                found = kernels_of(graph.replay)
+                names = label([k[0] for k in found])
+                spans.append(found[-1][2] - found[0][1])
+                for i in range(1, len(found)):
+                    extends.setdefault(names[i], []).append(found[i][2] - found[i - 1][2])
+            report["step_timeline"][name] = {
+                "kernels": len(found), "span_us": [round(s, 1) for s in spans],
+                "extends_us": {k: {"count_per_step": len(v) // 3, "median": round(med(v), 2),
+                                   "total_per_step": round(sum(v) / 3, 1)} for k, v in extends.items()}}
         found = kernels_of(lambda: dec.generate([PROMPT], 32, GREEDY))
         gaps, reached = [], found[0][2]
         for name, start, end in found[1:]:

@@ -1,0 +1,108 @@
+"""Probe: how much of the batch-1 decode step is kernels waiting for the one before (Llama-2-13B shape,
+random bf16, after a 1024-token prompt). decode_kernels is rebuilt from its own source with some PDL waits
+(gdc_wait) removed, so that those kernels run on while the previous one finishes, as a persistent kernel with
+perfect overlap would at best; the step is captured and replayed per variant, taking turns (ms per step,
+7 rounds of 64):
+  waits              the kernels as they are
+  no_waits           no kernel waits (the lower bound of any scheme that overlaps the step's phases)
+  no_matvec_waits    the matrix kernels do not wait; attention and the greedy pick do
+  no_attention_wait  attention does not wait for Q/K/V; the others do
+  no_attention       attention is not launched at all (o reads whatever its input holds)
+Variants other than `waits` compute garbage: only their time means anything.
+Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/dependency_bound.py
+"""
+import importlib.util
+import inspect
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "benchmarks")
+from gpu_generation import random_llama_13b, step_loop_ms  # noqa: E402
+
+from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
+from trtrag_cli.generators.graph_decode import GraphDecoder  # noqa: E402
+
+GREEDY = (0.0, 0, 1.0)
+WAIT = "_await_previous(PDL)"
+LAUNCH_ONLY = '''
+
+@triton.jit
+def _launch_only(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+'''
+
+
+def rebuilt(name: str, unwaited: tuple[str, ...]):
+    """decode_kernels compiled from a copy of its source in which the kernels named call _launch_only instead
+    of _await_previous."""
+    source = inspect.getsource(dk)
+    for kernel in unwaited:
+        start = source.index(f"def {kernel}(")
+        end = source.index("\n@triton.jit", start) if "\n@triton.jit" in source[start:] else len(source)
+        body = source[start:end]
+        assert WAIT in body, f"{kernel} no longer calls {WAIT}: update the probe"
+        source = source[:start] + body.replace(WAIT, "_launch_only(PDL)") + source[end:]
+    path = os.path.join(tempfile.mkdtemp(), f"decode_kernels_{name}.py")
+    with open(path, "w") as f:
+        f.write(source + LAUNCH_ONLY)
+    spec = importlib.util.spec_from_file_location(f"decode_kernels_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def without_attention(module):
+    """A copy of the module's interface whose fused_attention launches nothing."""
+    class Kernels:
+        matvec = staticmethod(module.matvec)
+
+        @staticmethod
+        def fused_attention(qkv, cos, sin, positions, k_cache, v_cache, counts, scale, heads):
+            return torch.empty(1, heads * k_cache.shape[-1], dtype=qkv.dtype, device=qkv.device)
+    return Kernels
+
+
+def main() -> None:
+    out_dir = os.environ.get("OUT", ".")
+    model = random_llama_13b()
+    dec = GraphDecoder(model, compile=False)
+    variants = {"waits": dk,
+                "no_waits": rebuilt("no_waits", ("_matvec_kernel", "_attention_kernel", "_pick_kernel")),
+                "no_matvec_waits": rebuilt("no_matvec_waits", ("_matvec_kernel",)),
+                "no_attention_wait": rebuilt("no_attention_wait", ("_attention_kernel",)),
+                "no_attention": without_attention(dk)}
+    graphs = {}
+    with torch.inference_mode():
+        dec._ensure_cache(1, 1152)
+        dec.prefill(list(range(100, 1124)), 0)
+        for name, kernels in variants.items():
+            dec.kernels = kernels
+            dec._graphs = {}
+            dec.tokens[:1].fill_(1000)
+            dec.positions[:1].fill_(1024)
+            graphs[name] = dec._graph(1, 1280, GREEDY)
+        dec.kernels = dk
+
+        rounds = {name: [] for name in variants}
+        for _ in range(7):
+            for name, graph in graphs.items():
+                rounds[name].append(round(step_loop_ms(dec, graph), 4))
+    medians = {name: statistics.median(v) for name, v in rounds.items()}
+    report = {"gpu": torch.cuda.get_device_name(0), "ms_per_step": medians,
+              "tok_s": {name: round(1e3 / m, 1) for name, m in medians.items()},
+              "us_per_layer_saved": {name: round((medians["waits"] - m) * 1e3 / 40, 2) for name, m in medians.items()},
+              "rounds_ms": rounds}
+    print(json.dumps(report, indent=1))
+    with open(f"{out_dir}/dependency-bound.json", "w") as f:
+        f.write(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
