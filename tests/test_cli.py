@@ -295,3 +295,38 @@ def test_doctor_names_the_decode_path_a_gpu_would_take():
     plain = load_recipe(None, ["answer.generator=transformers", "answer.decode=transformers"])
     assert "static cache" in generator_stage(plain, h200)["why"]
     assert generator_stage(load_recipe(None, []), h200)["why"] == "answer.generator in the recipe"   # extractive
+
+
+def test_gpu_watch_summarises_the_busiest_card_from_nvidia_smi(tmp_path, monkeypatch):
+    """doctor.GpuWatch reads `nvidia-smi -lms` while a block runs. No GPU here, so a stand-in nvidia-smi on
+    PATH prints what the real one does for a two-GPU host whose second card sits at its power limit with
+    its clock pulled down (as H200 cards did in the decode benchmarks), plus an [N/A] field to skip."""
+    from trtrag_cli.doctor import GpuWatch
+
+    stand_in = tmp_path / "nvidia-smi"
+    stand_in.write_text(
+        "#!/bin/sh\n"
+        "case \"$*\" in *index,clocks.sm,power.draw,power.limit*--loop-ms=50*) ;; *) exit 2 ;; esac\n"
+        "for clock in 1980 1515 1695; do\n"
+        "  echo \"0, 1980, 118.5, 700.00\"\n"
+        "  echo \"1, $clock, 699.80, 700.00\"\n"
+        "  echo \"1, [N/A], [N/A], 700.00\"\n"
+        "  sleep 0.05\n"
+        "done\n"
+        "exec sleep 30\n")
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with GpuWatch(every_ms=50) as watch:
+        import time
+
+        time.sleep(0.5)
+    got = watch.summary()
+    assert got["gpu"] == 1 and got["samples"] == 3
+    assert got["sm_clock_mhz"] == {"min": 1515.0, "median": 1695.0, "max": 1980.0}
+    assert got["power_w"] == {"median": 699.8, "max": 699.8} and got["power_limit_w"] == 700.0
+    assert got["at_power_limit"] is True
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))   # no nvidia-smi: nothing, and no error
+    with GpuWatch() as watch:
+        pass
+    assert watch.summary() == {}

@@ -9,6 +9,7 @@ failover, a node that never answers, and the extractive fallback.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -305,6 +306,9 @@ def test_bench_times_the_generator(cli, make_recipe, tiny_lm):
     assert gen["generator"] == "transformers" and gen["new_tokens"] == 8
     assert set(gen["ttft_ms"]) == {"32", "128"}  # 4096 does not fit the 512-token model: skipped, not faked
     assert all(v > 0 for v in gen["ttft_ms"].values()) and all(v > 0 for v in gen["decode_tok_s"].values())
+    assert set(gen["gpu_during"]) == {"ttft", "decode_1", "decode_2"}   # the card's clock and power, where seen
+    if not shutil.which("nvidia-smi"):
+        assert all(seen == {} for seen in gen["gpu_during"].values())
     assert "search" not in rep
     out = cli("bench", "--no-search", "--generate", "--recipe", make_recipe(name="x"), ok=False)
     assert "answer.generator is extractive" in out.output

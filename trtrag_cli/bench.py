@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import deps
+from .doctor import GpuWatch
 from .errors import TrtragError
 from .recipe import Recipe
 from .retrieve import top_indices
@@ -296,6 +297,8 @@ def bench_generation(backend, prompt_lengths=(512, 1024, 2048), batches=(1, 8), 
     TTFT is a generate of one new token (prefill plus the first token); decode is (batch x (new - 1))
     tokens over the time of a whole generate minus its one-token time, both after a 1024-token prompt
     (or the longest that fits). Prompts are random token ids: speed does not depend on their text.
+    gpu_during: the busiest GPU's SM clock and power while the TTFTs and each batch's decode ran
+    (doctor.GpuWatch; empty without nvidia-smi), since a card at its power limit lowers its clock.
     """
     from .generators.base import SamplingParams
     from .generators.prompt import Prompt
@@ -311,23 +314,36 @@ def bench_generation(backend, prompt_lengths=(512, 1024, 2048), batches=(1, 8), 
         return statistics.median(timed(fn, reps, warmup=1))
 
     one = SamplingParams(max_new_tokens=1)
-    out: dict = {"ttft_ms": {}, "decode_tok_s": {}, "new_tokens": new_tokens}
-    for n in prompt_lengths:
-        if n + 1 > context:
-            continue
-        p = prompt(n)
-        out["ttft_ms"][str(n)] = round(median_s(lambda: backend.generate([p], one)) * 1e3, 2)
-        log(f"TTFT prompt={n}: {out['ttft_ms'][str(n)]} ms")
+    out: dict = {"ttft_ms": {}, "decode_tok_s": {}, "new_tokens": new_tokens, "gpu_during": {}}
+    with GpuWatch() as watch:
+        for n in prompt_lengths:
+            if n + 1 > context:
+                continue
+            p = prompt(n)
+            out["ttft_ms"][str(n)] = round(median_s(lambda: backend.generate([p], one)) * 1e3, 2)
+            log(f"TTFT prompt={n}: {out['ttft_ms'][str(n)]} ms")
+    out["gpu_during"]["ttft"] = watch.summary()
     base = min(1024, context - new_tokens - 1)
     full = SamplingParams(max_new_tokens=new_tokens)
     for batch in batches:
         ps = [prompt(base) for _ in range(batch)]
-        total = median_s(lambda: backend.generate(ps, full))
-        first = median_s(lambda: backend.generate(ps, one))
+        with GpuWatch() as watch:
+            total = median_s(lambda: backend.generate(ps, full))
+            first = median_s(lambda: backend.generate(ps, one))
         out["decode_tok_s"][str(batch)] = round(batch * (new_tokens - 1) / max(1e-9, total - first), 1)
-        log(f"decode batch={batch}: {out['decode_tok_s'][str(batch)]} tok/s")
+        out["gpu_during"][f"decode_{batch}"] = watch.summary()
+        log(f"decode batch={batch}: {out['decode_tok_s'][str(batch)]} tok/s" + _clock_note(watch.summary()))
     out["decode_prompt_tokens"] = base
     return out
+
+
+def _clock_note(gpu: dict) -> str:
+    """', SM 1515-1980 MHz, 700 W of 700 (at the power limit)' for a log line; '' without nvidia-smi."""
+    if not gpu:
+        return ""
+    clock, power = gpu["sm_clock_mhz"], gpu["power_w"]
+    note = f", SM {clock['min']:.0f}-{clock['max']:.0f} MHz, {power['max']:.0f} W of {gpu['power_limit_w']:.0f}"
+    return note + (" (at the power limit)" if gpu["at_power_limit"] else "")
 
 
 
