@@ -117,6 +117,47 @@ def step_loop_ms(dec, graph, steps: int = 64, position: int = 1024) -> float:
     return start.elapsed_time(end) / steps
 
 
+def step_rounds(dec, owner, attribute: str, variants: dict, save_as: str, rounds: int = 7, layers: int = 40) -> dict:
+    """The probes' side-by-side comparison after a 1024-token prompt: ms per step of each variant's captured
+    one-row greedy step, taking turns `rounds` times (so that the card's clock affects them alike). A variant
+    is a value of owner.attribute (a kernel of decode_kernels, the decoder's kernels module), set while its
+    step is captured and restored after; the first is the reference. The report (medians, tok/s, µs a
+    layer saved against the reference, every round) is printed, written to $OUT/save_as and returned."""
+    import os
+    import statistics
+
+    import torch
+
+    greedy = (0.0, 0, 1.0)
+    graphs = {}
+    with torch.inference_mode():
+        dec._ensure_cache(1, 1152)
+        dec.prefill(list(range(100, 1124)), 0)
+        original = getattr(owner, attribute)
+        try:
+            for name, value in variants.items():
+                setattr(owner, attribute, value)
+                dec._graphs = {}
+                dec.tokens[:1].fill_(1000)
+                dec.positions[:1].fill_(1024)
+                graphs[name] = dec._graph(1, 1280, greedy)
+        finally:
+            setattr(owner, attribute, original)
+        timed: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, graph in graphs.items():
+                timed[name].append(round(step_loop_ms(dec, graph), 4))
+    medians = {name: statistics.median(v) for name, v in timed.items()}
+    reference = medians[next(iter(variants))]
+    report = {"gpu": torch.cuda.get_device_name(0), "ms_per_step": medians,
+              "tok_s": {name: round(1e3 / m, 1) for name, m in medians.items()},
+              "us_per_layer_saved": {name: round((reference - m) * 1e3 / layers, 2) for name, m in medians.items()},
+              "rounds_ms": timed}
+    print(json.dumps(report, indent=1))
+    Path(os.environ.get("OUT", "."), save_as).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True, help="a folder with tokenizer.json (ids are random anyway)")

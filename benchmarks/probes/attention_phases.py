@@ -10,22 +10,18 @@ Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/attention_phases.py
 """
 import importlib.util
 import inspect
-import json
 import os
-import statistics
 import sys
 import tempfile
 
-import torch
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
-from gpu_generation import random_llama_13b, step_loop_ms  # noqa: E402
+from gpu_generation import random_llama_13b, step_rounds  # noqa: E402
 
 from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
 from trtrag_cli.generators.graph_decode import GraphDecoder  # noqa: E402
 
-GREEDY = (0.0, 0, 1.0)
 COMBINE = "    # The last program of this row and K/V head to finish combines them all (no second kernel).\n"
 LOOP = "    for start in range(first, last, BLOCK):\n"
 
@@ -52,35 +48,10 @@ def variant(no_combine: bool, first_block: bool):
 
 
 def main() -> None:
-    out_dir = os.environ.get("OUT", ".")
-    model = random_llama_13b()
-    dec = GraphDecoder(model, compile=False)
-    original = dk._attention_kernel
-    kernels = {"full": original, "no_combine": variant(True, False), "first_block": variant(False, True),
+    kernels = {"full": dk._attention_kernel, "no_combine": variant(True, False), "first_block": variant(False, True),
                "neither": variant(True, True)}
-    graphs = {}
-    with torch.inference_mode():
-        dec._ensure_cache(1, 1152)
-        dec.prefill(list(range(100, 1124)), 0)
-        for name, kernel in kernels.items():
-            dk._attention_kernel = kernel
-            dec._graphs = {}
-            dec.tokens[:1].fill_(1000)
-            dec.positions[:1].fill_(1024)
-            graphs[name] = dec._graph(1, 1280, GREEDY)
-        dk._attention_kernel = original
-
-        rounds = {name: [] for name in kernels}
-        for _ in range(7):
-            for name, graph in graphs.items():
-                rounds[name].append(round(step_loop_ms(dec, graph), 4))
-    medians = {name: statistics.median(v) for name, v in rounds.items()}
-    report = {"gpu": torch.cuda.get_device_name(0), "ms_per_step": medians,
-              "us_per_layer_saved": {name: round((medians["full"] - m) * 1e3 / 40, 2) for name, m in medians.items()},
-              "rounds_ms": rounds}
-    print(json.dumps(report, indent=1))
-    with open(f"{out_dir}/attention-phases.json", "w") as f:
-        f.write(json.dumps(report, indent=1) + "\n")
+    step_rounds(GraphDecoder(random_llama_13b(), compile=False), dk, "_attention_kernel", kernels,
+                "attention-phases.json")
 
 
 if __name__ == "__main__":

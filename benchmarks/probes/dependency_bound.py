@@ -13,9 +13,7 @@ Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/dependency_bound.py
 """
 import importlib.util
 import inspect
-import json
 import os
-import statistics
 import sys
 import tempfile
 
@@ -23,12 +21,11 @@ import torch
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
-from gpu_generation import random_llama_13b, step_loop_ms  # noqa: E402
+from gpu_generation import random_llama_13b, step_rounds  # noqa: E402
 
 from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
 from trtrag_cli.generators.graph_decode import GraphDecoder  # noqa: E402
 
-GREEDY = (0.0, 0, 1.0)
 WAIT = "_await_previous(PDL)"
 LAUNCH_ONLY = '''
 
@@ -70,38 +67,13 @@ def without_attention(module):
 
 
 def main() -> None:
-    out_dir = os.environ.get("OUT", ".")
-    model = random_llama_13b()
-    dec = GraphDecoder(model, compile=False)
+    dec = GraphDecoder(random_llama_13b(), compile=False)
     variants = {"waits": dk,
                 "no_waits": rebuilt("no_waits", ("_matvec_kernel", "_attention_kernel", "_pick_kernel")),
                 "no_matvec_waits": rebuilt("no_matvec_waits", ("_matvec_kernel",)),
                 "no_attention_wait": rebuilt("no_attention_wait", ("_attention_kernel",)),
                 "no_attention": without_attention(dk)}
-    graphs = {}
-    with torch.inference_mode():
-        dec._ensure_cache(1, 1152)
-        dec.prefill(list(range(100, 1124)), 0)
-        for name, kernels in variants.items():
-            dec.kernels = kernels
-            dec._graphs = {}
-            dec.tokens[:1].fill_(1000)
-            dec.positions[:1].fill_(1024)
-            graphs[name] = dec._graph(1, 1280, GREEDY)
-        dec.kernels = dk
-
-        rounds = {name: [] for name in variants}
-        for _ in range(7):
-            for name, graph in graphs.items():
-                rounds[name].append(round(step_loop_ms(dec, graph), 4))
-    medians = {name: statistics.median(v) for name, v in rounds.items()}
-    report = {"gpu": torch.cuda.get_device_name(0), "ms_per_step": medians,
-              "tok_s": {name: round(1e3 / m, 1) for name, m in medians.items()},
-              "us_per_layer_saved": {name: round((medians["waits"] - m) * 1e3 / 40, 2) for name, m in medians.items()},
-              "rounds_ms": rounds}
-    print(json.dumps(report, indent=1))
-    with open(f"{out_dir}/dependency-bound.json", "w") as f:
-        f.write(json.dumps(report, indent=1) + "\n")
+    step_rounds(dec, dec, "kernels", variants, "dependency-bound.json")
 
 
 if __name__ == "__main__":
