@@ -331,8 +331,8 @@ def bench_generation(backend, prompt_lengths=(512, 1024, 2048), batches=(1, 8), 
             total = median_s(lambda: backend.generate(ps, full))
             first = median_s(lambda: backend.generate(ps, one))
         out["decode_tok_s"][str(batch)] = round(batch * (new_tokens - 1) / max(1e-9, total - first), 1)
-        out["gpu_during"][f"decode_{batch}"] = watch.summary()
-        log(f"decode batch={batch}: {out['decode_tok_s'][str(batch)]} tok/s" + _clock_note(watch.summary()))
+        gpu = out["gpu_during"][f"decode_{batch}"] = watch.summary()
+        log(f"decode batch={batch}: {out['decode_tok_s'][str(batch)]} tok/s" + _clock_note(gpu))
     out["decode_prompt_tokens"] = base
     return out
 
@@ -344,7 +344,6 @@ def _clock_note(gpu: dict) -> str:
     clock, power = gpu["sm_clock_mhz"], gpu["power_w"]
     note = f", SM {clock['min']:.0f}-{clock['max']:.0f} MHz, {power['max']:.0f} W of {gpu['power_limit_w']:.0f}"
     return note + (" (at the power limit)" if gpu["at_power_limit"] else "")
-
 
 
 # ------------------------------------------------------------------------------------------- command
