@@ -19,6 +19,7 @@ Usage: python benchmarks/gpu_generation.py --tokenizer DIR [--layers 40] [--vari
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -117,16 +118,51 @@ def step_loop_ms(dec, graph, steps: int = 64, position: int = 1024) -> float:
     return start.elapsed_time(end) / steps
 
 
-def step_rounds(dec, owner, attribute: str, variants: dict, save_as: str, rounds: int = 7, layers: int = 40) -> dict:
+def edited_kernels(name: str, edits: dict, appended: str = ""):
+    """decode_kernels compiled from a copy of its source in which, within each function named in edits, each
+    (old, new) text is replaced (old must be there), with `appended` source at the end: how the probes time a
+    changed kernel without changing the product."""
+    import importlib.util
+    import inspect
+    import os
+    import tempfile
+
+    from trtrag_cli.generators import decode_kernels
+
+    source = inspect.getsource(decode_kernels)
+    for function, replacements in edits.items():
+        start = source.index(f"def {function}(")
+        end = source.find("\n@triton.jit", start)
+        end = len(source) if end < 0 else end
+        body = source[start:end]
+        for old, new in replacements:
+            assert old in body, f"{function} no longer has {old!r}: update the probe"
+            body = body.replace(old, new)
+        source = source[:start] + body + source[end:]
+    path = os.path.join(tempfile.mkdtemp(), f"decode_kernels_{name}.py")
+    with open(path, "w") as f:
+        f.write(source + appended)
+    spec = importlib.util.spec_from_file_location(f"decode_kernels_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_rounds(dec, owner, attribute: str, variants: dict, save_as: str, rounds: int = 7, layers: int = 40,
+                steps: int = 64, watch: bool = False) -> dict:
     """The probes' side-by-side comparison after a 1024-token prompt: ms per step of each variant's captured
-    one-row greedy step, taking turns `rounds` times (so that the card's clock affects them alike). A variant
-    is a value of owner.attribute (a kernel of decode_kernels, the decoder's kernels module), set while its
-    step is captured and restored after; the first is the reference. The report (medians, tok/s, µs a
-    layer saved against the reference, every round) is printed, written to $OUT/save_as and returned."""
+    one-row greedy step replayed `steps` times, taking turns `rounds` times (so that the card's clock affects
+    them alike). A variant is a value of owner.attribute (a kernel of decode_kernels, the decoder's kernels
+    module), set while its step is captured and restored after; the first is the reference. watch: the GPU's
+    clock and power during each variant's replays too (doctor.GpuWatch), and joules a step from them. The
+    report (medians, tok/s, µs a layer saved against the reference, every round) is printed, written to
+    $OUT/save_as and returned."""
     import os
     import statistics
 
     import torch
+
+    from trtrag_cli.doctor import GpuWatch
 
     greedy = (0.0, 0, 1.0)
     graphs = {}
@@ -144,15 +180,25 @@ def step_rounds(dec, owner, attribute: str, variants: dict, save_as: str, rounds
         finally:
             setattr(owner, attribute, original)
         timed: dict[str, list[float]] = {name: [] for name in variants}
+        seen: dict[str, list[dict]] = {name: [] for name in variants}
         for _ in range(rounds):
             for name, graph in graphs.items():
-                timed[name].append(round(step_loop_ms(dec, graph), 4))
+                with GpuWatch(every_ms=100) if watch else contextlib.nullcontext() as gpu:
+                    timed[name].append(round(step_loop_ms(dec, graph, steps), 4))
+                if watch:
+                    seen[name].append(gpu.summary())
     medians = {name: statistics.median(v) for name, v in timed.items()}
     reference = medians[next(iter(variants))]
-    report = {"gpu": torch.cuda.get_device_name(0), "ms_per_step": medians,
+    report = {"gpu": torch.cuda.get_device_name(0), "steps_a_round": steps, "ms_per_step": medians,
               "tok_s": {name: round(1e3 / m, 1) for name, m in medians.items()},
               "us_per_layer_saved": {name: round((reference - m) * 1e3 / layers, 2) for name, m in medians.items()},
               "rounds_ms": timed}
+    if watch:
+        power = {name: statistics.median(r["power_w"]["median"] for r in rounds_seen if r)
+                 for name, rounds_seen in seen.items() if any(rounds_seen)}
+        report["median_power_w"] = power
+        report["joules_per_step"] = {name: round(w * medians[name] / 1e3, 3) for name, w in power.items()}
+        report["gpu_during"] = seen
     print(json.dumps(report, indent=1))
     Path(os.environ.get("OUT", "."), save_as).write_text(json.dumps(report, indent=1) + "\n")
     return report

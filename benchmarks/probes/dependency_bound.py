@@ -11,17 +11,13 @@ perfect overlap would at best; the step is captured and replayed per variant, ta
 Variants other than `waits` compute garbage: only their time means anything.
 Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/dependency_bound.py
 """
-import importlib.util
-import inspect
-import os
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
-from gpu_generation import random_llama_13b, step_rounds  # noqa: E402
+from gpu_generation import edited_kernels, random_llama_13b, step_rounds  # noqa: E402
 
 from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
 from trtrag_cli.generators.graph_decode import GraphDecoder  # noqa: E402
@@ -39,20 +35,7 @@ def _launch_only(PDL: tl.constexpr):
 def rebuilt(name: str, unwaited: tuple[str, ...]):
     """decode_kernels compiled from a copy of its source in which the kernels named call _launch_only instead
     of _await_previous."""
-    source = inspect.getsource(dk)
-    for kernel in unwaited:
-        start = source.index(f"def {kernel}(")
-        end = source.index("\n@triton.jit", start) if "\n@triton.jit" in source[start:] else len(source)
-        body = source[start:end]
-        assert WAIT in body, f"{kernel} no longer calls {WAIT}: update the probe"
-        source = source[:start] + body.replace(WAIT, "_launch_only(PDL)") + source[end:]
-    path = os.path.join(tempfile.mkdtemp(), f"decode_kernels_{name}.py")
-    with open(path, "w") as f:
-        f.write(source + LAUNCH_ONLY)
-    spec = importlib.util.spec_from_file_location(f"decode_kernels_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return edited_kernels(name, {kernel: [(WAIT, "_launch_only(PDL)")] for kernel in unwaited}, LAUNCH_ONLY)
 
 
 def without_attention(module):
