@@ -56,7 +56,8 @@ def matvec_configurations():
     for name, (n, k, flags) in uses.items():
         block_n, block_k, warps, _, halves = dk._tile(n, k, flags.get("ACCUMULATE", False), "SWIGLU" in flags)
         constants = dict(RMSNORM=False, SWIGLU=False, ACCUMULATE=False, HAS_BIAS=False, EMBED=False, GREEDY=False,
-                         PDL=True, BLOCK_N=block_n, BLOCK_K=block_k) | flags | dict(PAIRED=halves == 2)
+                         PDL=True, EVEN=dk.EVEN, BLOCK_N=block_n, BLOCK_K=block_k) | flags \
+            | dict(PAIRED=halves == 2)
         out = "*fp32" if constants["ACCUMULATE"] else "*bf16"
         x = "*bf16" if constants["EMBED"] else "*fp32"
         yield f"matvec {name}", dk._matvec_kernel, dict(types, out_ptr=out, x_ptr=x), constants, warps

@@ -40,9 +40,10 @@ def _rand(*shape, dtype, scale=1.0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tile", [(32, 64, 4, 1, 1), (16, 32, 2, 3, 1), (16, 64, 4, 2, 2)],
                          ids=["whole-rows", "three-k-splits", "halves-paired"])
-def test_matvec_prologues_and_epilogues(dk, dtype, tile):
+@pytest.mark.parametrize("shape", [(96, 160), (64, 128)], ids=["ragged", "whole-tiles"])
+def test_matvec_prologues_and_epilogues(dk, dtype, tile, shape):
     torch.manual_seed(0)
-    n, k = 96, 160                        # not a multiple of the tile: the masks are exercised
+    n, k = shape     # ragged: not a multiple of the tiles, so the masks are exercised; whole tiles load unmasked
     x, w = _rand(k, dtype=dtype), _rand(n, k, dtype=dtype, scale=0.1)
     bias, gain = _rand(n, dtype=dtype), _rand(k, dtype=dtype)
     xf, wf = x.float(), w.float()

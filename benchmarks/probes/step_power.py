@@ -6,6 +6,9 @@ The step is replayed 500 times a round per variant, taking turns, 3 rounds, with
   as_is      the kernels as they are
   extra_fma  one more FMA for every weight in the matrix kernels (the sums become garbage; the bytes are the
              same), which shows what the arithmetic costs in watts and in time
+and then decode_kernels.EVEN on and off: whole tiles loaded without per-element masks or with them. (Run 43
+also timed the tile loop unrolled by two, which spared the register copies but took more registers: 2.5%
+slower at full clock; not kept.)
 Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/step_power.py
 """
 import sys
@@ -27,6 +30,8 @@ def main() -> None:
         (SUM, SUM + "        acc += w.to(tl.float32) * w.to(tl.float32)\n"),
         (SUM_PAIR, SUM_PAIR + "            acc_pair += u.to(tl.float32) * u.to(tl.float32)\n")]})
     step_rounds(dec, dec, "kernels", {"as_is": dk, "extra_fma": heavier}, "step-power.json", rounds=3, steps=500,
+                watch=True)
+    step_rounds(dec, dk, "EVEN", {"even": True, "masked": False}, "step-power-even.json", rounds=3, steps=500,
                 watch=True)
 
 
