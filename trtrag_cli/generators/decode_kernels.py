@@ -91,6 +91,15 @@ def _weights(ptr, start, col_ok, last, BLOCK_K: tl.constexpr, EVEN: tl.constexpr
 
 
 @triton.jit
+def _vector(ptr, ks, k_ok, EVEN: tl.constexpr):
+    """ptr[ks] in float32, zero where not k_ok (EVEN: all are)."""
+    if EVEN:
+        return tl.load(ptr + ks).to(tl.float32)
+    else:
+        return tl.load(ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, token_ptr, copy_ptr, best_ptr, N, K, span, eps,
                    RMSNORM: tl.constexpr, PAIRED: tl.constexpr, SWIGLU: tl.constexpr, ACCUMULATE: tl.constexpr,
                    HAS_BIAS: tl.constexpr, EMBED: tl.constexpr, GREEDY: tl.constexpr, PDL: tl.constexpr,
@@ -118,19 +127,13 @@ def _matvec_kernel(x_ptr, w_ptr, out_ptr, bias_ptr, gain_ptr, token_ptr, copy_pt
         w_next = _weights(rows, coming, col_ok, last, BLOCK_K, EVEN)
         if PAIRED:
             u_next = _weights(pairs, coming, col_ok, last, BLOCK_K, EVEN)
-        if EVEN:
-            x = tl.load(x_ptr + ks).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        x = _vector(x_ptr, ks, k_ok, EVEN)
         if EMBED:                              # the first programs start the residual stream with it
             if tl.program_id(0) == 0:
                 tl.store(copy_ptr + ks, x, mask=k_ok)
         if RMSNORM:   # the gain now, 1/rms at the end
             squares += x * x
-            if EVEN:
-                x = x * tl.load(gain_ptr + ks).to(tl.float32)
-            else:
-                x = x * tl.load(gain_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            x = x * _vector(gain_ptr, ks, k_ok, EVEN)
         acc += w.to(tl.float32) * x[None, :]
         if PAIRED:
             acc_pair += u.to(tl.float32) * x[None, :]
