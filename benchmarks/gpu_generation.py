@@ -6,7 +6,9 @@ backend's generate with one new token) at 512/1024/2048 prompt tokens, and decod
 and 8 (128 new tokens after a 1024-token prompt, minus that prompt's TTFT), per variant
 (trtrag_cli/bench.py bench_generation, which `trtrag bench --generate` runs on the recipe's generator):
   kernels         our decode loop (generators/graph_decode.py), CUDA graphs, its Triton decode kernels
-                  (generators/decode_kernels.py) and the compiled prefill: what a recipe runs by default
+                  (generators/decode_kernels.py) over 12-bit packed matrices and the compiled prefill: what a
+                  recipe runs by default
+  kernels_unpacked  the same reading the bf16 matrices themselves (answer.pack_weights: false)
   graph           our decode loop with torch layer functions, eager (answer.compile: false, kernels: false)
   graph_compiled  the same with its layer functions compiled (answer.compile: true, kernels: false)
   static          transformers' generate with its static cache (answer.decode: transformers)
@@ -167,7 +169,12 @@ def step_rounds(dec, owner, attribute: str, variants: dict, save_as: str, rounds
     greedy = (0.0, 0, 1.0)
     graphs = {}
     with torch.inference_mode():
-        dec._ensure_cache(1, 1152)
+        # room for every position the replays reach (1024 + steps): the kernels' attention writes each step's
+        # K/V at its position whatever the cache's length (runs 42-47 replayed 500 steps in 1280 positions and
+        # wrote rows past each head's end; their timings stand, but run 48 crashed on it once the packed
+        # matrices were allocated after the cache)
+        span = max(1280, -(-(1024 + steps) // 256) * 256)
+        dec._ensure_cache(1, span)
         dec.prefill(list(range(100, 1124)), 0)
         original = getattr(owner, attribute)
         try:
@@ -176,7 +183,7 @@ def step_rounds(dec, owner, attribute: str, variants: dict, save_as: str, rounds
                 dec._graphs = {}
                 dec.tokens[:1].fill_(1000)
                 dec.positions[:1].fill_(1024)
-                graphs[name] = dec._graph(1, 1280, greedy)
+                graphs[name] = dec._graph(1, span, greedy)
         finally:
             setattr(owner, attribute, original)
         timed: dict[str, list[float]] = {name: [] for name in variants}
@@ -239,6 +246,7 @@ def main() -> None:
         report["tiles"] = {str(k): v for k, v in decode_kernels.TILES.items()}
         report["attention"] = dict(decode_kernels.ATTENTION)
     settings = {"kernels": {"decode": "graph", "compile": True},
+                "kernels_unpacked": {"decode": "graph", "compile": True, "pack_weights": False},
                 "graph": {"decode": "graph", "kernels": False},
                 "graph_compiled": {"decode": "graph", "compile": True, "kernels": False},
                 "static": {"decode": "transformers", "static_cache": True},

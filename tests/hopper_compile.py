@@ -63,6 +63,25 @@ def matvec_configurations():
         yield f"matvec {name}", dk._matvec_kernel, dict(types, out_ptr=out, x_ptr=x), constants, warps
 
 
+def packed_configurations():
+    """The same uses over decode_kernels.Packed matrices, in pack's tiles (ASM: PRMT in inline PTX)."""
+    types = dict(x_ptr="*fp32", low_ptr="*i32", code_ptr="*i32", start_ptr="*i32", row_ptr="*i32", col_ptr="*i32",
+                 true_ptr="*fp32", decoded_ptr="*fp32", bias_ptr="*bf16", gain_ptr="*bf16", token_ptr="*i64",
+                 copy_ptr="*fp32", best_ptr="*i64", N="i32", K="i32", span="i32", eps="fp32", base="i32")
+    uses = {"qkv": (15360, 5120, dict(RMSNORM=True)), "o": (5120, 5120, dict(ACCUMULATE=True)),
+            "gate_up": (13824, 5120, dict(RMSNORM=True, SWIGLU=True)), "down": (5120, 13824, dict(ACCUMULATE=True)),
+            "head, greedy": (32000, 5120, dict(RMSNORM=True, GREEDY=True)),
+            "qkv, first layer": (15360, 5120, dict(RMSNORM=True, EMBED=True))}
+    for name, (n, k, flags) in uses.items():
+        block_n, _, warps, _, halves = dk._tile(n, k, flags.get("ACCUMULATE", False), "SWIGLU" in flags)
+        constants = dict(RMSNORM=False, SWIGLU=False, ACCUMULATE=False, HAS_BIAS=False, EMBED=False, GREEDY=False,
+                         PDL=True, FIXES=True, ASM=True, BLOCK_N=2 * block_n, BLOCK_K=512, CHUNK=32) | flags \
+            | dict(PAIRED=halves == 2 and "GREEDY" not in flags)
+        out = "*fp32" if constants["ACCUMULATE"] else "*bf16"
+        x = "*bf16" if constants["EMBED"] else "*fp32"
+        yield f"packed {name}", dk._packed_kernel, dict(types, out_ptr=out, x_ptr=x), constants, warps
+
+
 def attention_configurations():
     types = {name: "*bf16" for name in ("qkv_ptr", "cos_ptr", "sin_ptr", "k_ptr", "v_ptr", "out_ptr")}
     types.update(pos_ptr="*i64", part_ptr="*fp32", stats_ptr="*fp32", count_ptr="*i32", stride_qkv="i32",
@@ -75,5 +94,5 @@ def attention_configurations():
 
 if __name__ == "__main__":
     report = {name: compile_for_hopper(kernel, types, constants, warps) for name, kernel, types, constants, warps
-              in [*matvec_configurations(), *attention_configurations()]}
+              in [*matvec_configurations(), *packed_configurations(), *attention_configurations()]}
     print(json.dumps(report))

@@ -129,6 +129,110 @@ def test_ordered_matvec_repeats_bit_for_bit(dk):
     _close(runs[0], start + w.float() @ x.float(), torch.bfloat16)
 
 
+def _bits(t):
+    return t.view(torch.int16)
+
+
+def test_packed_matrix_gives_back_every_bf16_bit(dk):
+    """decode_kernels.Packed stores a bf16 matrix in 12 bits a weight and loses nothing: normal weights, and
+    those outside the codes' 16 binades (zeros of either sign, subnormals, huge values, infinities, NaN) that
+    go to the fix list."""
+    torch.manual_seed(7)
+    w = (torch.randn(48, 512) * 0.02).to(torch.bfloat16)
+    odd = [0.0, -0.0, 1e-40, -3e-39, 1e-12, 7.5, -300.0, float("inf"), float("-inf"), float("nan"), 2.0 ** -20]
+    w[5, :len(odd)] = torch.tensor(odd).to(torch.bfloat16)
+    packed = dk.Packed(w.to(DEVICE), block_k=256)
+    assert packed.fix_count >= 10
+    assert torch.equal(_bits(packed.unpacked().cpu()), _bits(w))
+    assert packed.low.numel() + packed.codes.numel() == w.numel() * 3 // 2
+    with pytest.raises(ValueError, match="whole tiles"):
+        dk.Packed(w[:, :300].contiguous().to(DEVICE), block_k=256)
+    as_float = w.float().to(DEVICE)
+    assert dk.pack(as_float) is as_float                        # only bf16 packs
+    assert isinstance(dk.pack(w.to(DEVICE)), dk.Packed)
+
+
+@pytest.mark.parametrize("tile", [(16, 128, 4, 1, 1), (8, 256, 2, 3, 1), (16, 128, 4, 2, 2)],
+                         ids=["whole-rows", "three-k-splits", "halves-paired"])
+def test_packed_matvec_matches_torch(dk, tile):
+    """matvec over a Packed matrix as over the bf16 one: bias, RMSNorm, the residual added into (with K splits),
+    pairs of halves; rows 3 and 40 carry more fixes than one chunk of the kernel's, some in each K split.
+    x in float32 (the residual stream) and in the model's dtype (bf16 on a GPU; the interpreter reads it as
+    float32 there, with the weights still packed bf16)."""
+    torch.manual_seed(8)
+    n, k = 64, 768
+    w = (torch.randn(n, k) * 0.05).to(torch.bfloat16)
+    w[3, ::7] = 1e-30                       # 110 fixes in one row, across all three K splits
+    w[40, 100:150] = -4.0
+    packed = dk.Packed(w.to(DEVICE), block_k=tile[1])
+    assert packed.fix_count > 2 * 32
+    wf = w.float().to(DEVICE)
+    for dtype in (torch.float32, torch.bfloat16) if CUDA else (torch.float32,):
+        x, bias, gain = _rand(k, dtype=dtype), _rand(n, dtype=dtype), _rand(k, dtype=dtype)
+        xf = x.float()
+        _close(dk.matvec(x, packed, bias=bias, tile=tile), wf @ xf + bias.float(), torch.bfloat16)
+        normed = xf * torch.rsqrt(xf.pow(2).mean() + 1e-5) * gain.float()
+        _close(dk.matvec(x, packed, gain=gain, eps=1e-5, tile=tile), wf @ normed, torch.bfloat16)
+        residual = _rand(n, dtype=torch.float32)
+        expected = residual + wf @ xf
+        dk.matvec(x, packed, out=residual, tile=tile)
+        assert torch.allclose(residual, expected, atol=1e-4, rtol=1e-4), (residual - expected).abs().max()
+
+
+def test_packed_matvec_swiglu_embedding_and_greedy(dk):
+    """The other ends of a step over Packed matrices: gate and up paired with SwiGLU, the first layer reading
+    its token's embedding row, and the head writing the greedy token."""
+    torch.manual_seed(9)
+    n, k = 32, 512
+    gate_up = (torch.randn(2 * n, k) * 0.05).to(torch.bfloat16)
+    gate_up[n + 3, 17] = 5.0                                   # a fix in the up half
+    x, gain = _rand(k, dtype=torch.float32), _rand(k, dtype=torch.float32)
+    normed = x * torch.rsqrt(x.pow(2).mean() + 1e-5) * gain
+    both = gate_up.float().to(DEVICE) @ normed
+    got = dk.matvec(x, dk.Packed(gate_up.to(DEVICE), 256), gain=gain, eps=1e-5, swiglu=True, tile=(8, 256, 4, 1, 2))
+    _close(got, torch.nn.functional.silu(both[:n]) * both[n:], torch.bfloat16)
+
+    vocab = 96
+    table = _rand(vocab, k, dtype=torch.bfloat16 if CUDA else torch.float32)
+    w = (torch.randn(vocab, k) * 0.05).to(torch.bfloat16)
+    w[50] = w[12]                                              # tied rows: the first wins
+    head = dk.Packed(w.to(DEVICE), 512)
+    tokens, positions = torch.tensor([9], device=DEVICE), torch.tensor([3], device=DEVICE)
+    scratch = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    residual = torch.full((k,), float("nan"), device=DEVICE)
+    logits = dk.matvec(table, head, gain=gain, eps=1e-5, tile=(16, 512, 4, 1, 1), token=tokens, copy_into=residual)
+    row = table[9].float()
+    _close(logits, w.float().to(DEVICE) @ (row * torch.rsqrt(row.pow(2).mean() + 1e-5) * gain), torch.bfloat16)
+    assert torch.equal(residual, row)
+    probe = torch.where(w[12] > 0, 1.0, -1.0).to(DEVICE)
+    logits = dk.matvec(probe, head, tile=(16, 512, 4, 1, 1), greedy=(tokens, positions, scratch))
+    assert int(tokens[0]) == 12 == int(logits.float().argmax()) and int(positions[0]) == 4 and not scratch.any()
+
+
+def test_decoder_gives_the_same_tokens_from_packed_matrices(dk):
+    """GraphDecoder.pack_weights: a random bf16 Llama decodes the same greedy tokens through the kernels with its
+    matrices packed as with them as they are (every matrix of this shape packs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trtrag_cli.generators.graph_decode import GraphDecoder
+
+    torch.manual_seed(10)
+    config = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
+    decoder = GraphDecoder(model, graphs=False)
+    decoder.kernels = dk
+    prompt = [int(t) for t in torch.randint(1, 96, (9,))]
+    try:
+        with torch.inference_mode():
+            plain = decoder.generate([prompt], 5)[0]
+            assert decoder.pack_weights() == 5 and decoder.packed_note == ""
+            assert decoder.generate([prompt], 5)[0] == plain
+    finally:
+        decoder.close()
+
+
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
@@ -218,7 +322,8 @@ def test_kernels_compile_for_hopper_without_spills(dk):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"matvec qkv", "matvec o", "matvec gate_up", "matvec down", "matvec head", "matvec qkv, first layer",
-            "matvec head, greedy", "attention 40 heads", "attention groups of 8"} <= set(report)
+            "matvec head, greedy", "packed qkv", "packed o", "packed gate_up", "packed down", "packed head, greedy",
+            "packed qkv, first layer", "attention 40 heads", "attention groups of 8"} <= set(report)
     assert all(usage["stack_bytes"] == 0 for usage in report.values()), report
     threads = 32 * dk.ATTENTION["warps"] * dk.ATTENTION["programs_per_sm"]
     assert all(report[name]["registers"] * threads <= 65536 for name in report if name.startswith("attention"))

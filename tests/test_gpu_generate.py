@@ -63,3 +63,26 @@ def test_graph_decoder_gives_transformers_tokens(model_and_tokenizer, compile, k
     sampled = SamplingParams(max_new_tokens=64, temperature=0.8, top_k=40, top_p=0.9, seed=5)
     assert fast.generate(prompts[:2], sampled)[0].text == fast.generate(prompts[:2], sampled)[0].text
     assert "".join(fast.stream(prompts[0], greedy)) == expected[0]
+
+
+def test_packed_matrices_decode_the_same_tokens(model_and_tokenizer):
+    """answer.pack_weights (on by default): a bf16 model's one-row steps read 12-bit packed copies of its
+    matrices, and greedy decoding gives the tokens it gives from the matrices themselves (both ordered, so
+    that each run repeats bit for bit)."""
+    import copy
+
+    import torch
+
+    from trtrag_cli.generators.decode_kernels import Packed
+    from trtrag_cli.generators.hf import TransformersBackend
+
+    model, tok = model_and_tokenizer
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    prompts, greedy = _prompts(2), SamplingParams(max_new_tokens=48)
+    plain = TransformersBackend.from_model(half, tok, decode="graph", compile=True, deterministic=True,
+                                           pack_weights=False)
+    expected = [plain.generate([p], greedy)[0].text for p in prompts]
+    packed = TransformersBackend.from_model(half, tok, decode="graph", compile=True, deterministic=True)
+    matrices = [m for group in packed.decoder.step_matrices for m in (group if isinstance(group, tuple) else (group,))]
+    assert packed.decoder.packed_note == "" and all(isinstance(m, Packed) for m in matrices)
+    assert [packed.generate([p], greedy)[0].text for p in prompts] == expected

@@ -315,6 +315,11 @@ def bench_generation(backend, prompt_lengths=(512, 1024, 2048), batches=(1, 8), 
 
     one = SamplingParams(max_new_tokens=1)
     out: dict = {"ttft_ms": {}, "decode_tok_s": {}, "new_tokens": new_tokens, "gpu_during": {}}
+    decoder = getattr(backend, "decoder", None)
+    if decoder is not None:     # our decode loop: whether its one-row steps read packed matrices
+        out["packed_matrices"] = decoder.packed_count()
+        if decoder.packed_note:
+            out["packed_note"] = decoder.packed_note
     with GpuWatch() as watch:
         for n in prompt_lengths:
             if n + 1 > context:

@@ -30,7 +30,8 @@ def open_backend(answer):
         from .hf import TransformersBackend
 
         return TransformersBackend(answer.model, answer.device, answer.dtype, answer.compile,
-                                   decode=answer.decode, kernels=answer.kernels, deterministic=answer.deterministic)
+                                   decode=answer.decode, kernels=answer.kernels, deterministic=answer.deterministic,
+                                   pack_weights=answer.pack_weights)
     if answer.generator == "openai":
         from .openai_node import OpenAIBackend
 

@@ -144,6 +144,10 @@ class GraphDecoder:
             self._decode = torch.compile(self._decode_layer, fullgraph=True)
         self.compiled = compile
         self.kernels = _decode_kernels(self) if kernels else None
+        # the one-row step's matrices per layer (qkv, o, gate_up, down), then the head: the weights themselves,
+        # or with pack_weights their decode_kernels.Packed copies
+        self.step_matrices = [(layer.qkv, layer.o, layer.gate_up, layer.down) for layer in self.layers] + [self.head]
+        self.packed_note = ""    # why pack_weights packed nothing
         self.fused_greedy = True   # greedy one-row steps take their token in the head kernel (False: argmax after)
         self.deterministic = deterministic   # the kernels add into the residual in a fixed order (no K splits)
 
@@ -291,21 +295,52 @@ class GraphDecoder:
         positions = self.positions[:1]
         cos, sin = self._rope_tables()
         h = torch.empty(self.embed.shape[1], dtype=torch.float32, device=self.device)
-        for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, self._cache)):
+        *matrices, head = self.step_matrices
+        for index, (layer, (qkv_w, o_w, gate_up_w, down_w), (k_cache, v_cache)) in enumerate(
+                zip(self.layers, matrices, self._cache)):
             first = index == 0
-            qkv = kernels.matvec(self.embed if first else h, layer.qkv, gain=layer.in_norm, eps=self.eps,
+            qkv = kernels.matvec(self.embed if first else h, qkv_w, gain=layer.in_norm, eps=self.eps,
                                  bias=layer.qkv_bias, token=self.tokens[:1] if first else None,
                                  copy_into=h if first else None)
             attended = kernels.fused_attention(qkv[None], cos, sin, positions, k_cache, v_cache, self._counts,
                                                self.scale, self.n_heads)
-            kernels.matvec(attended[0], layer.o, out=h, ordered=self.deterministic)
-            gated = kernels.matvec(h, layer.gate_up, gain=layer.post_norm, eps=self.eps, swiglu=True)
-            kernels.matvec(gated, layer.down, out=h, ordered=self.deterministic)
+            kernels.matvec(attended[0], o_w, out=h, ordered=self.deterministic)
+            gated = kernels.matvec(h, gate_up_w, gain=layer.post_norm, eps=self.eps, swiglu=True)
+            kernels.matvec(gated, down_w, out=h, ordered=self.deterministic)
         if greedy:
-            kernels.matvec(h, self.head, gain=self.final_norm, eps=self.eps,
+            kernels.matvec(h, head, gain=self.final_norm, eps=self.eps,
                            greedy=(self.tokens, self.positions, self._scratch))
             return None
-        return kernels.matvec(h, self.head, gain=self.final_norm, eps=self.eps)[None]
+        return kernels.matvec(h, head, gain=self.final_norm, eps=self.eps)[None]
+
+    def pack_weights(self, headroom: float = 0.1) -> int:
+        """Step through 12-bit copies of the bf16 matrices (decode_kernels.Packed: lossless, 1.5 bytes a weight
+        read where 2 were), kept beside the weights, which the prompt's layers still use. Only where the GPU
+        has room for them and `headroom` of its memory besides (the K/V cache grows later); otherwise the step
+        reads the weights as before. Returns how many matrices were packed; `packed_note` says why none were."""
+        torch = self.torch
+        groups = [m for group in self.step_matrices for m in (group if isinstance(group, tuple) else (group,))]
+        needed = sum(m.numel() for m in groups) * 3 // 2
+        self.packed_note = ""
+        if self.kernels is None or self.dtype != torch.bfloat16:
+            self.packed_note = "packing needs the decode kernels and bf16 weights"
+            return 0
+        free, total = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else (needed, 0)
+        if free < needed + headroom * total:
+            self.packed_note = (f"the GPU has {free / 2**30:.1f} GiB free; packed matrices need "
+                                f"{needed / 2**30:.1f} GiB and {headroom:.0%} of its memory is kept for the cache")
+            return 0
+        pack = self.kernels.pack
+        with torch.no_grad():
+            self.step_matrices = [(pack(layer.qkv), pack(layer.o, accumulate=True), pack(layer.gate_up, swiglu=True),
+                                   pack(layer.down, accumulate=True)) for layer in self.layers] + [pack(self.head)]
+        self._graphs = {}
+        return self.packed_count()
+
+    def packed_count(self) -> int:
+        """How many of the step's matrices are packed copies."""
+        return sum(not isinstance(m, self.torch.Tensor) for group in self.step_matrices
+                   for m in (group if isinstance(group, tuple) else (group,)))
 
     def _sample(self, logits, temperature: float, top_k: int, top_p: float):
         """Next tokens [batch] from logits [batch, vocab], on the device and without host syncs."""
@@ -356,9 +391,10 @@ class GraphDecoder:
         return self._graphs[key]
 
     def close(self) -> None:
-        """Free the K/V cache and the captured graphs now (the compiled layer functions hold a reference
-        back to this object, so without this they would wait for the garbage collector)."""
+        """Free the K/V cache, the captured graphs and the packed matrices now (the compiled layer functions
+        hold a reference back to this object, so without this they would wait for the garbage collector)."""
         self._cache = self._graphs = self._rope = None
+        self.step_matrices = []       # the packed copies, if any
         self.tokens = self.positions = self._counts = self._scratch = None
         self._prefill = self._decode = None
         self.layers = []

@@ -51,7 +51,7 @@ class TransformersBackend:
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", compile: bool = False,
                  static_cache: bool | None = None, decode: str = "auto", kernels: bool = True,
-                 deterministic: bool = False):
+                 deterministic: bool = False, pack_weights: bool = True):
         torch = deps.require("torch", "the transformers generator")
         transformers = deps.require("transformers", "the transformers generator")
         check_causal_lm(model)
@@ -68,19 +68,21 @@ class TransformersBackend:
         transformers.utils.logging.disable_progress_bar()
         loaded = transformers.AutoModelForCausalLM.from_pretrained(
             model, **{_dtype_kwarg(): getattr(torch, DTYPES[dtype])}).to(device).eval()
-        self._attach(loaded, tokenizer, torch.device(device), static_cache, decode, compile, kernels, deterministic)
+        self._attach(loaded, tokenizer, torch.device(device), static_cache, decode, compile, kernels, deterministic,
+                     pack_weights)
 
     @classmethod
     def from_model(cls, model, tokenizer, static_cache: bool | None = None, decode: str = "auto",
-                   compile: bool = False, kernels: bool = True, deterministic: bool = False) -> TransformersBackend:
+                   compile: bool = False, kernels: bool = True, deterministic: bool = False,
+                   pack_weights: bool = True) -> TransformersBackend:
         """A backend over a model already in memory (benchmarks of random-weight shapes build it on the GPU)."""
         self = cls.__new__(cls)
         self._attach(model.eval(), tokenizer, next(model.parameters()).device, static_cache, decode, compile,
-                     kernels, deterministic)
+                     kernels, deterministic, pack_weights)
         return self
 
     def _attach(self, model, tokenizer, device, static_cache: bool | None, decode: str, compile: bool,
-                kernels: bool, deterministic: bool) -> None:
+                kernels: bool, deterministic: bool, pack_weights: bool = True) -> None:
         """Everything around a loaded model: left padding, context, KV cache, which decode loop, compilation."""
         torch = self._torch = deps.require("torch", "the transformers generator")
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -90,7 +92,7 @@ class TransformersBackend:
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.static_cache = device.type == "cuda" if static_cache is None else static_cache
         compile = compile and device.type == "cuda"   # a GPU option; the CPU runs eagerly
-        self.decoder = _fast_decoder(model, device, decode, compile, kernels, deterministic)
+        self.decoder = _fast_decoder(model, device, decode, compile, kernels, deterministic, pack_weights)
         if compile and self.decoder is None:
             model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
         self.compiled = compile
@@ -249,7 +251,7 @@ def wants_fast_decoder(decode: str, on_gpu: bool) -> bool:
 
 
 def _fast_decoder(model, device, decode: str, compile: bool = False, kernels: bool = True,
-                  deterministic: bool = False):
+                  deterministic: bool = False, pack_weights: bool = True):
     """graph_decode.GraphDecoder for this model when the recipe's answer.decode allows it, else None."""
     if not wants_fast_decoder(decode, device.type == "cuda"):
         return None
@@ -257,7 +259,10 @@ def _fast_decoder(model, device, decode: str, compile: bool = False, kernels: bo
 
     reason = supports(model)
     if reason is None:
-        return GraphDecoder(model, compile=compile, kernels=kernels, deterministic=deterministic)
+        decoder = GraphDecoder(model, compile=compile, kernels=kernels, deterministic=deterministic)
+        if pack_weights:
+            decoder.pack_weights()
+        return decoder
     if decode == "graph":
         raise TrtragError(f"answer.decode is graph, but the fast decoder cannot run this model: {reason}",
                           "set answer.decode: auto or transformers")
