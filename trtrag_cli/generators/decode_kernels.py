@@ -468,10 +468,9 @@ class Packed:
         codes = self.codes.view(rows, k // self.block_k, 1, self.block_k // 2).int()
         code = torch.cat([codes & 0xF, codes >> 4], 2).reshape(rows, k)
         bits = (code >> 3) << 15 | ((code & 7) + self.base) << 8 | self.low.int()
-        values = (bits - (bits >> 15 << 16)).to(torch.int16).view(torch.bfloat16).float()
         starts, fix_rows, fix_cols, true, _ = self.fixes
-        values[fix_rows[:-1].long(), fix_cols[:-1].long()] = true[:-1]
-        return values.to(torch.bfloat16)
+        bits[fix_rows[:-1].long(), fix_cols[:-1].long()] = true[:-1].view(torch.int32) >> 16 & 0xFFFF   # in bits:
+        return (bits - (bits >> 15 << 16)).to(torch.int16).view(torch.bfloat16)   # a NaN keeps its own
 
 
 def matvec(x, weight, *, out=None, bias=None, gain=None, eps: float = 1e-6, swiglu: bool = False, tile=None,
