@@ -285,8 +285,7 @@ def _add_fixes(y, entries, start_ptr, row_ptr, col_ptr, true_ptr, decoded_ptr, x
 
 @triton.jit
 def _packed_kernel(x_ptr, low_ptr, code_ptr, start_ptr, row_ptr, col_ptr, true_ptr, decoded_ptr, out_ptr, bias_ptr,
-                   gain_ptr,
-                   token_ptr, copy_ptr, best_ptr, N, K, span, eps, base, RMSNORM: tl.constexpr,
+                   gain_ptr, token_ptr, copy_ptr, best_ptr, N, K, span, eps, base, RMSNORM: tl.constexpr,
                    PAIRED: tl.constexpr, SWIGLU: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EMBED: tl.constexpr, GREEDY: tl.constexpr, PDL: tl.constexpr, FIXES: tl.constexpr,
                    ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
