@@ -22,7 +22,9 @@ Each matrix program streams [BLOCK_N x BLOCK_K] weight tiles with the next tile'
 the current one is summed, in float32; weights are marked to leave L2 first (each is read once a step,
 the activations many times). On Hopper the kernels use programmatic dependent launch: a kernel
 starts loading its weights (or older cache positions) while the previous one finishes, then waits for
-it before reading its output. H200 figures are in the README ("Generation on the GPU").
+it before reading its output. bf16 matrices can be read from lossless 12-bit copies instead (`Packed`,
+`_packed_kernel`): 1.5 bytes a weight where the step is bound by reading them. H200 and H100 figures are in
+the README ("Generation on the GPU").
 
 Imported only when a CUDA GPU and triton are present (graph_decode.GraphDecoder). Under
 TRITON_INTERPRET=1 the same kernels run on the CPU, which is how the tests check them against torch
