@@ -165,6 +165,7 @@ def step_rounds(dec, owner, attribute: str, variants: dict, save_as: str, rounds
     import torch
 
     from trtrag_cli.doctor import GpuWatch
+    from trtrag_cli.generators.graph_decode import _rounded
 
     greedy = (0.0, 0, 1.0)
     graphs = {}
@@ -173,7 +174,7 @@ def step_rounds(dec, owner, attribute: str, variants: dict, save_as: str, rounds
         # K/V at its position whatever the cache's length (runs 42-47 replayed 500 steps in 1280 positions and
         # wrote rows past each head's end; their timings stand, but run 48 crashed on it once the packed
         # matrices were allocated after the cache)
-        span = max(1280, -(-(1024 + steps) // 256) * 256)
+        span = max(1280, _rounded(1024 + steps))
         dec._ensure_cache(1, span)
         dec.prefill(list(range(100, 1124)), 0)
         original = getattr(owner, attribute)

@@ -45,41 +45,42 @@ def compile_for_hopper(kernel, types: dict, constants: dict, warps: int) -> dict
             "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1))}
 
 
-def matvec_configurations():
-    types = dict(x_ptr="*fp32", w_ptr="*bf16", out_ptr="*bf16", bias_ptr="*bf16", gain_ptr="*bf16",
-                 token_ptr="*i64", copy_ptr="*fp32", best_ptr="*i64", N="i32", K="i32", span="i32", eps="fp32")
-    uses = {"qkv": (15360, 5120, dict(RMSNORM=True)), "o": (5120, 5120, dict(ACCUMULATE=True)),
-            "gate_up": (13824, 5120, dict(RMSNORM=True, SWIGLU=True)), "down": (5120, 13824, dict(ACCUMULATE=True)),
-            "head": (32000, 5120, dict(RMSNORM=True)),
-            "qkv, first layer": (15360, 5120, dict(RMSNORM=True, EMBED=True)),   # x is the embedding table
-            "head, greedy": (32000, 5120, dict(RMSNORM=True, GREEDY=True))}
-    for name, (n, k, flags) in uses.items():
+# The matrix kernels' uses in a Llama-2-13B step: weight shape [N, K] and the flags matvec sets for it.
+USES = {"qkv": (15360, 5120, dict(RMSNORM=True)), "o": (5120, 5120, dict(ACCUMULATE=True)),
+        "gate_up": (13824, 5120, dict(RMSNORM=True, SWIGLU=True)), "down": (5120, 13824, dict(ACCUMULATE=True)),
+        "head": (32000, 5120, dict(RMSNORM=True)),
+        "qkv, first layer": (15360, 5120, dict(RMSNORM=True, EMBED=True)),   # x is the embedding table
+        "head, greedy": (32000, 5120, dict(RMSNORM=True, GREEDY=True))}
+
+
+def _uses():
+    """Per use: its name, TILES's tile, the kernel's flags (all of them, PAIRED as matvec sets it), and the
+    types of x and out."""
+    for name, (n, k, flags) in USES.items():
         block_n, block_k, warps, _, halves = dk._tile(n, k, flags.get("ACCUMULATE", False), "SWIGLU" in flags)
-        constants = dict(RMSNORM=False, SWIGLU=False, ACCUMULATE=False, HAS_BIAS=False, EMBED=False, GREEDY=False,
-                         PDL=True, EVEN=dk.EVEN, BLOCK_N=block_n, BLOCK_K=block_k) | flags \
-            | dict(PAIRED=halves == 2)
-        out = "*fp32" if constants["ACCUMULATE"] else "*bf16"
-        x = "*bf16" if constants["EMBED"] else "*fp32"
-        yield f"matvec {name}", dk._matvec_kernel, dict(types, out_ptr=out, x_ptr=x), constants, warps
+        paired, _ = dk._program_rows(n, "SWIGLU" in flags, halves, "GREEDY" in flags)
+        flags = dict(RMSNORM=False, SWIGLU=False, ACCUMULATE=False, HAS_BIAS=False, EMBED=False, GREEDY=False,
+                     PDL=True) | flags | dict(PAIRED=paired)
+        types = dict(x_ptr="*bf16" if flags["EMBED"] else "*fp32", out_ptr="*fp32" if flags["ACCUMULATE"] else "*bf16")
+        yield name, (block_n, block_k, warps), flags, types
+
+
+def matvec_configurations():
+    types = dict(w_ptr="*bf16", bias_ptr="*bf16", gain_ptr="*bf16", token_ptr="*i64", copy_ptr="*fp32",
+                 best_ptr="*i64", N="i32", K="i32", span="i32", eps="fp32")
+    for name, (block_n, block_k, warps), flags, ends in _uses():
+        constants = flags | dict(EVEN=dk.EVEN, BLOCK_N=block_n, BLOCK_K=block_k)
+        yield f"matvec {name}", dk._matvec_kernel, types | ends, constants, warps
 
 
 def packed_configurations():
     """The same uses over decode_kernels.Packed matrices, in pack's tiles (ASM: PRMT in inline PTX)."""
-    types = dict(x_ptr="*fp32", low_ptr="*i32", code_ptr="*i32", start_ptr="*i32", row_ptr="*i32", col_ptr="*i32",
+    types = dict(low_ptr="*i32", code_ptr="*i32", start_ptr="*i32", row_ptr="*i32", col_ptr="*i32",
                  true_ptr="*fp32", decoded_ptr="*fp32", bias_ptr="*bf16", gain_ptr="*bf16", token_ptr="*i64",
                  copy_ptr="*fp32", best_ptr="*i64", N="i32", K="i32", span="i32", eps="fp32", base="i32")
-    uses = {"qkv": (15360, 5120, dict(RMSNORM=True)), "o": (5120, 5120, dict(ACCUMULATE=True)),
-            "gate_up": (13824, 5120, dict(RMSNORM=True, SWIGLU=True)), "down": (5120, 13824, dict(ACCUMULATE=True)),
-            "head, greedy": (32000, 5120, dict(RMSNORM=True, GREEDY=True)),
-            "qkv, first layer": (15360, 5120, dict(RMSNORM=True, EMBED=True))}
-    for name, (n, k, flags) in uses.items():
-        block_n, _, warps, _, halves = dk._tile(n, k, flags.get("ACCUMULATE", False), "SWIGLU" in flags)
-        constants = dict(RMSNORM=False, SWIGLU=False, ACCUMULATE=False, HAS_BIAS=False, EMBED=False, GREEDY=False,
-                         PDL=True, FIXES=True, ASM=True, BLOCK_N=2 * block_n, BLOCK_K=512, CHUNK=32) | flags \
-            | dict(PAIRED=halves == 2 and "GREEDY" not in flags)
-        out = "*fp32" if constants["ACCUMULATE"] else "*bf16"
-        x = "*bf16" if constants["EMBED"] else "*fp32"
-        yield f"packed {name}", dk._packed_kernel, dict(types, out_ptr=out, x_ptr=x), constants, warps
+    for name, (block_n, _, warps), flags, ends in _uses():
+        constants = flags | dict(FIXES=True, ASM=True, BLOCK_N=2 * block_n, BLOCK_K=512, CHUNK=32)
+        yield f"packed {name}", dk._packed_kernel, types | ends, constants, warps
 
 
 def attention_configurations():

@@ -4,8 +4,9 @@ First each packed matrix is checked: unpacked it equals the bf16 one bit for bit
 the bf16 kernel's. Then the step is replayed 500 times a round per variant, taking turns, 3 rounds, with
 nvidia-smi every 100 ms:
   bf16        the matrices as they are
-  packed      packed in tiles of 512 columns, TILES's rows and warps (what GraphDecoder.pack_weights does)
-  rows_16     the same with 16 rows a tile (8 pairs for gate/up)
+  packed      packed in tiles of 512 columns, TILES's rows and warps
+  rows_16     the same with 16 rows a tile (8 pairs for gate/up): what GraphDecoder.pack_weights does since
+              run 49
   warps_8     with 8 warps a program
   k_1024      in tiles of 1024 columns where K allows (down keeps 512)
 Run 48 (card ...968, at its power limit) also packed in tiles of 256 columns: 6.733 ms a step, against 6.422 in
@@ -29,18 +30,19 @@ from trtrag_cli.generators.graph_decode import GraphDecoder  # noqa: E402
 
 
 def packed_matrices(dec, block_k: int = 512, rows: int = 0, warps: int = 0, like: list | None = None) -> list:
-    """dec's step matrices packed in tiles of block_k columns (512 where K is not a multiple), and with rows
-    or warps given, BLOCK_N (halved for gate/up's pairs) or warps other than TILES's. like: another such list
-    packed in the same tiles, whose packed data these share (only the tile differs)."""
-    shared = iter([m for group in like for m in (group if isinstance(group, tuple) else (group,))] if like else [])
+    """dec's step matrices as decode_kernels.pack packs them, repacked in tiles of block_k columns where K
+    allows and pack chose otherwise, in TILES's tile or, with rows or warps given, BLOCK_N (halved for gate/up's
+    pairs) or warps other than TILES's. like: another such list, whose packed data these share (only the tile
+    differs)."""
+    shared = iter(dec.step_matrix_list(like) if like else [])
 
     def packed(weight, **usage):
-        chosen = dk.pack(weight, **usage)
-        same = next(shared, None)
+        chosen = copy.copy(next(shared)) if like else dk.pack(weight, **usage)
         if not isinstance(chosen, dk.Packed):
             return weight
         k = weight.shape[1]
-        chosen = copy.copy(same) if same is not None else dk.Packed(weight, block_k if k % block_k == 0 else 512)
+        if k % block_k == 0 and block_k != chosen.block_k:
+            chosen = dk.Packed(weight, block_k)
         n = weight.shape[0] // 2 if usage.get("swiglu") else weight.shape[0]
         tile = list(dk._tile(n, k, usage.get("accumulate", False), usage.get("swiglu", False)))
         if rows:
@@ -48,8 +50,7 @@ def packed_matrices(dec, block_k: int = 512, rows: int = 0, warps: int = 0, like
         tile[2] = warps or tile[2]
         chosen.tile = tuple(tile)
         return chosen
-    return [(packed(layer.qkv), packed(layer.o, accumulate=True), packed(layer.gate_up, swiglu=True),
-             packed(layer.down, accumulate=True)) for layer in dec.layers] + [packed(dec.head)]
+    return dec._step_matrices(packed)
 
 
 def check(dec, matrices) -> dict:
@@ -86,9 +87,8 @@ def main() -> None:
     variants = {"bf16": plain, "packed": packed, "rows_16": packed_matrices(dec, rows=16, like=packed),
                 "warps_8": packed_matrices(dec, warps=8, like=packed), "k_1024": packed_matrices(dec, 1024)}
     report["check"] = {name: check(dec, matrices) for name, matrices in variants.items() if name != "bf16"}
-    report["gib"] = {"bf16": sum(t.numel() * 2 for g in plain for t in (g if isinstance(g, tuple) else (g,))) / 2**30,
-                     "packed": sum((m.low.numel() + m.codes.numel()) for g in packed
-                                   for m in (g if isinstance(g, tuple) else (g,))) / 2**30}
+    report["gib"] = {"bf16": sum(t.numel() * 2 for t in dec.step_matrix_list(plain)) / 2**30,
+                     "packed": sum(m.low.numel() + m.codes.numel() for m in dec.step_matrix_list(packed)) / 2**30}
     print(json.dumps(report, indent=1), flush=True)
     timed = step_rounds(dec, dec, "step_matrices", variants, "packed-step.json", rounds=3, steps=500, watch=True)
     timed.update(report)

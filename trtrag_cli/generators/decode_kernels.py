@@ -393,6 +393,14 @@ def _pdl(tensor) -> bool:
     return _compiled(tensor) and torch.cuda.get_device_capability(tensor.device)[0] >= 9
 
 
+def _program_rows(n: int, swiglu: bool, halves: int, greedy: bool = False) -> tuple[bool, int]:
+    """(paired, rows): whether each program sums rows of both halves of the matrix (SwiGLU's gate and up
+    always; a tile's halves = 2 where n is even, except for greedy, which needs one half), and how many rows
+    the programs are laid over."""
+    paired = swiglu or (halves == 2 and n % 2 == 0 and not greedy)
+    return paired, n // 2 if paired and not swiglu else n
+
+
 def pack(weight, *, accumulate: bool = False, swiglu: bool = False):
     """weight as a Packed matrix for matvec (with out= when accumulate, swiglu as matvec's), or weight itself
     where packing does not apply: not bf16, or its shape not whole tiles of the kernel's. The tile is TILES's
@@ -404,10 +412,9 @@ def pack(weight, *, accumulate: bool = False, swiglu: bool = False):
     n = rows // 2 if swiglu else rows
     block_n, _, warps, splits, halves = _tile(n, k, accumulate, swiglu)
     block_n *= 2
-    paired = swiglu or (halves == 2 and n % 2 == 0)
     block_k = next((b for b in (512, 256) if k % b == 0), 0)
     if (weight.dtype != torch.bfloat16 or not weight.is_contiguous() or not block_k
-            or (n // 2 if paired and not swiglu else n) % block_n):
+            or _program_rows(n, swiglu, halves)[1] % block_n):
         return weight
     packed = Packed(weight, block_k)
     packed.tile = (block_n, block_k, warps, splits, halves)
@@ -437,29 +444,28 @@ class Packed:
         self.base = int(counts.unfold(0, 8, 1).sum(1).argmax())   # the 16 binades holding the most weights
         self.low = torch.empty(rows, k, dtype=torch.uint8, device=weight.device)
         self.codes = torch.empty(rows, k // 2, dtype=torch.uint8, device=weight.device)
-        found = []
+        found = []                             # per chunk of rows: the fixes' rows, columns, true and decoded
         for at in range(0, rows, rows_at_once):
-            bits = weight[at:at + rows_at_once].view(torch.int16).int() & 0xFFFF
+            chunk = weight[at:at + rows_at_once]
+            bits = chunk.view(torch.int16).int() & 0xFFFF
             sign, part = bits >> 15, ((bits >> 8) & 0x7F) - self.base
             kept = part.clamp(0, 7)
             code = (sign << 3 | kept).view(bits.shape[0], k // block_k, 2, block_k // 2)
             self.codes[at:at + bits.shape[0]] = (code[:, :, 0] | code[:, :, 1] << 4).reshape(-1, k // 2)
             self.low[at:at + bits.shape[0]] = bits & 0xFF
             where = (part != kept).nonzero(as_tuple=True)
-            if where[0].numel():
-                decoded = (sign << 15 | (kept + self.base) << 8 | (bits & 0xFF))[where]
-                decoded = (decoded - (decoded >> 15 << 16)).to(torch.int16).view(torch.bfloat16)
-                found.append((where[0] + at, where[1], weight[at:at + rows_at_once][where].float(), decoded.float()))
-        self.fix_count = sum(len(f[0]) for f in found)
-        fix_rows = torch.cat([f[0] for f in found]).int() if found else torch.zeros(0, dtype=torch.int32,
-                                                                                      device=weight.device)
+            decoded = (sign << 15 | (kept + self.base) << 8 | (bits & 0xFF))[where]
+            decoded = (decoded - (decoded >> 15 << 16)).to(torch.int16).view(torch.bfloat16)
+            found.append((where[0] + at, where[1], chunk[where], decoded))
+
+        def joined(i: int, dtype):   # one of the lists, with one entry more: never an empty tensor to launch with
+            return torch.cat([f[i].to(dtype) for f in found] + [torch.zeros(1, dtype=dtype, device=weight.device)])
+
+        fix_rows = joined(0, torch.int32)
+        self.fix_count = len(fix_rows) - 1
         starts = torch.zeros(rows + 1, dtype=torch.int32, device=weight.device)
-        starts[1:] = torch.bincount(fix_rows.long(), minlength=rows).cumsum(0)
-        pad = torch.zeros(1, dtype=torch.int32, device=weight.device)    # never an empty tensor to launch with
-        columns = torch.cat([f[1] for f in found]).int() if found else pad[:0]
-        true, decoded = ([torch.cat([f[i] for f in found]) if found else pad[:0].float()] for i in (2, 3))
-        self.fixes = (starts, torch.cat([fix_rows, pad]), torch.cat([columns, pad]), torch.cat([*true, pad.float()]),
-                      torch.cat([*decoded, pad.float()]))
+        starts[1:] = torch.bincount(fix_rows[:-1].long(), minlength=rows).cumsum(0)
+        self.fixes = (starts, fix_rows, joined(1, torch.int32), joined(2, torch.float32), joined(3, torch.float32))
 
     def unpacked(self):
         """The bf16 matrix again (the tests' check that nothing was lost)."""
@@ -498,13 +504,12 @@ def matvec(x, weight, *, out=None, bias=None, gain=None, eps: float = 1e-6, swig
                                                                                       swiglu, ordered)
     if packed:
         block_k = weight.block_k
-    paired = swiglu or (halves == 2 and n % 2 == 0 and greedy is None)   # greedy: one half
+    paired, rows = _program_rows(n, swiglu, halves, greedy is not None)
     if out is None or gain is not None or ordered:
         splits = 1                           # a plain store, RMSNorm needs the whole row, or a fixed order
     span = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, span)
     result = out if out is not None else torch.empty(n, dtype=weight.dtype, device=weight.device)
-    rows = n // 2 if paired and not swiglu else n
     ends = (result if bias is None else bias, result if gain is None else gain, result if token is None else token,
             result if copy_into is None else copy_into, result if greedy is None else greedy[2])
     flags = dict(RMSNORM=gain is not None, PAIRED=paired, SWIGLU=swiglu, ACCUMULATE=out is not None,

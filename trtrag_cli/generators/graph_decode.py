@@ -146,7 +146,7 @@ class GraphDecoder:
         self.kernels = _decode_kernels(self) if kernels else None
         # the one-row step's matrices per layer (qkv, o, gate_up, down), then the head: the weights themselves,
         # or with pack_weights their decode_kernels.Packed copies
-        self.step_matrices = [(layer.qkv, layer.o, layer.gate_up, layer.down) for layer in self.layers] + [self.head]
+        self.step_matrices = self._step_matrices()
         self.packed_note = ""    # why pack_weights packed nothing
         self.fused_greedy = True   # greedy one-row steps take their token in the head kernel (False: argmax after)
         self.deterministic = deterministic   # the kernels add into the residual in a fixed order (no K splits)
@@ -313,14 +313,25 @@ class GraphDecoder:
             return None
         return kernels.matvec(h, head, gain=self.final_norm, eps=self.eps)[None]
 
+    def _step_matrices(self, pack=None) -> list:
+        """step_matrices' layout, each matrix as pack(matrix, **its matvec use) makes it (or as it is)."""
+        use = pack or (lambda matrix, **_: matrix)
+        return [(use(layer.qkv), use(layer.o, accumulate=True), use(layer.gate_up, swiglu=True),
+                 use(layer.down, accumulate=True)) for layer in self.layers] + [use(self.head)]
+
+    def step_matrix_list(self, matrices: list | None = None) -> list:
+        """step_matrices (or a list laid out as it is) flat: every layer's four, then the head (none once
+        closed)."""
+        *layers, head = (self.step_matrices if matrices is None else matrices) or [None]
+        return [matrix for group in layers for matrix in group] + ([head] if head is not None else [])
+
     def pack_weights(self, headroom: float = 0.1) -> int:
         """Step through 12-bit copies of the bf16 matrices (decode_kernels.Packed: lossless, 1.5 bytes a weight
         read where 2 were), kept beside the weights, which the prompt's layers still use. Only where the GPU
         has room for them and `headroom` of its memory besides (the K/V cache grows later); otherwise the step
         reads the weights as before. Returns how many matrices were packed; `packed_note` says why none were."""
         torch = self.torch
-        groups = [m for group in self.step_matrices for m in (group if isinstance(group, tuple) else (group,))]
-        needed = sum(m.numel() for m in groups) * 3 // 2
+        needed = sum(m.numel() for m in self.step_matrix_list()) * 3 // 2
         self.packed_note = ""
         if self.kernels is None or self.dtype != torch.bfloat16:
             self.packed_note = "packing needs the decode kernels and bf16 weights"
@@ -330,17 +341,14 @@ class GraphDecoder:
             self.packed_note = (f"the GPU has {free / 2**30:.1f} GiB free; packed matrices need "
                                 f"{needed / 2**30:.1f} GiB and {headroom:.0%} of its memory is kept for the cache")
             return 0
-        pack = self.kernels.pack
         with torch.no_grad():
-            self.step_matrices = [(pack(layer.qkv), pack(layer.o, accumulate=True), pack(layer.gate_up, swiglu=True),
-                                   pack(layer.down, accumulate=True)) for layer in self.layers] + [pack(self.head)]
+            self.step_matrices = self._step_matrices(self.kernels.pack)
         self._graphs = {}
         return self.packed_count()
 
     def packed_count(self) -> int:
         """How many of the step's matrices are packed copies."""
-        return sum(not isinstance(m, self.torch.Tensor) for group in self.step_matrices
-                   for m in (group if isinstance(group, tuple) else (group,)))
+        return sum(not isinstance(m, self.torch.Tensor) for m in self.step_matrix_list())
 
     def _sample(self, logits, temperature: float, top_k: int, top_p: float):
         """Next tokens [batch] from logits [batch, vocab], on the device and without host syncs."""
