@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/trtrag ask "$(DEMO_Q)"
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -rs tests
 
 test-gpu: install

@@ -21,12 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trtrag_cli.bench import cycled  # noqa: E402
-from trtrag_cli.evaluate import percentiles  # noqa: E402
-from trtrag_cli.recipe import load_recipe  # noqa: E402
+from trtrag_cli.recipe.schema import load_recipe
+from trtrag_cli.util.timing import cycled, percentiles
 
 
 def read_docs(path: Path, limit: int) -> list[dict]:
@@ -70,7 +68,7 @@ def st_docs_per_s(texts: list[str], batch_size: int, work: Path) -> float:
     """
     import subprocess
 
-    from trtrag_cli.encoders.models import model_dir
+    from trtrag_cli.encode.models import model_dir
 
     data = work / "st-texts.json"
     data.write_text(json.dumps(texts))
@@ -81,7 +79,7 @@ def st_docs_per_s(texts: list[str], batch_size: int, work: Path) -> float:
 
 def trtrag_docs_per_s(docs: list[dict], work: Path, name: str, precision: str) -> tuple[float, dict]:
     """Full `trtrag index` of the documents into a fresh workspace (encoder export already cached)."""
-    from trtrag_cli.indexing import run_index
+    from trtrag_cli.index.build import run_index
 
     corpus = write_corpus(docs, work / f"corpus-{name}")
     recipe = load_recipe(None, [f"workspace={work / 'ws'}", f"name={name}", f"encoder.precision={precision}"])
@@ -120,7 +118,7 @@ def main() -> None:
         print(f"round {r}: " + ", ".join(f"{k} {v:.1f} docs/s" for k, v in row.items()), flush=True)
     med = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
 
-    from trtrag_cli.indexing import run_index
+    from trtrag_cli.index.build import run_index
     from trtrag_cli.pipeline import Pipeline
 
     recipe = load_recipe(args.recipe, [f"workspace={work / 'ws'}", "name=full",

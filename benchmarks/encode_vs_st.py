@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, help="write the JSON result here")
     args = p.parse_args(argv)
 
-    from trtrag_cli.encoders.models import model_dir
-    from trtrag_cli.encoders.onnxruntime import RUN_TOKENS, open_encoder, physical_cores
+    from trtrag_cli.encode.models import model_dir
+    from trtrag_cli.encode.onnxruntime import RUN_TOKENS, open_encoder, physical_cores
 
     docs = read_jsonl(args.jsonl, args.n) if args.jsonl else synthetic_docs(args.n)
     qs = questions(args.queries)

@@ -63,7 +63,7 @@ def random_bert(seed: int):
 
 def make_encoders(args, device):
     """(encoder under test, fp32 eager reference or None, description of the model)."""
-    from trtrag_cli.encoders import torch as torchenc
+    from trtrag_cli.encode import torch as torchenc
 
     if args.random_weights:
         model = random_bert(args.seed)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from trtrag_cli.encoders import torch as torchenc
+    from trtrag_cli.encode import torch as torchenc
 
     device = torchenc.resolve_device(args.device)
     cuda = device.type == "cuda"

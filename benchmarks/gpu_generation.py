@@ -51,7 +51,7 @@ def profile_step(model, tok, setting: dict) -> dict:
     prefill's wall time (median of 5)."""
     import torch
 
-    from trtrag_cli.generators.hf import TransformersBackend
+    from trtrag_cli.generate.hf import TransformersBackend
 
     backend = TransformersBackend.from_model(model, tok, **setting)
     dec = backend.decoder
@@ -129,7 +129,7 @@ def edited_kernels(name: str, edits: dict, appended: str = ""):
     import os
     import tempfile
 
-    from trtrag_cli.generators import decode_kernels
+    from trtrag_cli.generate.decode import kernels as decode_kernels
 
     source = inspect.getsource(decode_kernels)
     for function, replacements in edits.items():
@@ -164,8 +164,8 @@ def step_rounds(dec, owner, attribute: str, variants: dict, save_as: str, rounds
 
     import torch
 
-    from trtrag_cli.doctor import GpuWatch
-    from trtrag_cli.generators.graph_decode import _rounded
+    from trtrag_cli.generate.decode.graph import _rounded
+    from trtrag_cli.util.gpu import GpuWatch
 
     greedy = (0.0, 0, 1.0)
     graphs = {}
@@ -227,8 +227,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from trtrag_cli.bench import bench_generation
-    from trtrag_cli.generators.hf import TransformersBackend
+    from trtrag_cli.bench.run import bench_generation
+    from trtrag_cli.generate.hf import TransformersBackend
 
     model = random_llama_13b(args.layers)
     model.generation_config.eos_token_id = None  # random weights: always generate the full 128 tokens
@@ -236,7 +236,7 @@ def main() -> None:
     report = {"gpu": torch.cuda.get_device_name(0), "params_b": round(params / 1e9, 2), "torch": torch.__version__}
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     if args.tiles:
-        from trtrag_cli.generators import decode_kernels
+        from trtrag_cli.generate.decode import kernels as decode_kernels
 
         tuned = json.loads(args.tiles.read_text())
         for shape, tile in tuned["best_tiles"].items():

@@ -70,7 +70,7 @@ def bench_matrices(tiles: list[tuple], shapes: list[str]) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from trtrag_cli.generators import decode_kernels as dk
+    from trtrag_cli.generate.decode import kernels as dk
 
     out = {}
     for name in shapes:
@@ -127,7 +127,7 @@ def bench_attention(span: int = 1280, position: int = 1087) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from trtrag_cli.generators import decode_kernels as dk
+    from trtrag_cli.generate.decode import kernels as dk
 
     caches = [(torch.randn(1, HEADS, 2304, HEAD_DIM, device="cuda", dtype=torch.bfloat16),
                torch.randn(1, HEADS, 2304, HEAD_DIM, device="cuda", dtype=torch.bfloat16)) for _ in range(LAYERS)]

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trtrag_cli.bench import cycled  # noqa: E402
-from trtrag_cli.recipe import load_recipe  # noqa: E402
+from trtrag_cli.recipe.schema import load_recipe
+from trtrag_cli.util.timing import cycled
 
 
 def read_texts(path: Path, limit: int, offset: int = 0) -> list[str]:
@@ -110,11 +110,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("int8-engine-cpu.json"))
     args = ap.parse_args()
 
-    from trtrag_cli.calibrate import HOLDOUT, run_calibrate
-    from trtrag_cli.engine import run_build_engine
-    from trtrag_cli.evaluate import run_eval
-    from trtrag_cli.indexing import open_recipe_encoder, run_index
-    from trtrag_cli.artifacts import Workspace
+    from trtrag_cli.calibrate.run import run_calibrate
+    from trtrag_cli.encode.artifacts import HOLDOUT, open_recipe_encoder
+    from trtrag_cli.engine.build import run_build_engine
+    from trtrag_cli.evaluate.known_items import run_eval
+    from trtrag_cli.index.build import run_index
+    from trtrag_cli.util.workspace import Workspace
 
     base = [f"workspace={args.workspace}", f"calibrate.queries={args.calibration}",
             f"calibrate.eval={args.queries}", f"calibrate.method={args.method}"]
@@ -127,7 +128,7 @@ def main() -> None:
     report["eval_fp32"] = run_eval(fp32, args.queries, ["hybrid", "dense"])["modes"]
     t = time.perf_counter()
     if args.reuse_calibration:
-        from trtrag_cli.calibrate import load_calibration
+        from trtrag_cli.encode.artifacts import load_calibration
 
         cal = load_calibration(fp32)[1]
     else:

@@ -54,7 +54,7 @@ class Cli:
     """Runs `trtrag` in-process and parses --json output."""
 
     def __init__(self):
-        from trtrag_cli.cli import app
+        from trtrag_cli.cli.app import app
 
         self.app = app
         self.runner = CliRunner()

@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
+from trtrag_cli.generate.decode import kernels as dk
 
 # What a launch tells triton divides by 16: pointers to contiguous tensors, their strides, and the Llama-2-13B
 # sizes and K spans (all multiples of 16, which triton specialises on; the loads are vectorised for it).

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from trtrag_cli.generators.extractive import ExtractiveGenerator, split_sentences
-from trtrag_cli.lexical import LexicalIndex
-from trtrag_cli.recipe import LexicalConfig
+from trtrag_cli.generate.extractive import ExtractiveGenerator, split_sentences
+from trtrag_cli.index.bm25 import LexicalIndex
+from trtrag_cli.recipe.schema import LexicalConfig
 
 
 def test_split_keeps_abbreviations_and_drops_headings():

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from trtrag_cli.batcher import Batcher
-from trtrag_cli.errors import TrtragError
+from trtrag_cli.retrieve.batcher import Batcher
+from trtrag_cli.util.errors import TrtragError
 
 
 def test_concurrent_callers_get_their_own_results_in_bounded_batches():

@@ -8,11 +8,10 @@ import struct
 import numpy as np
 import pytest
 
-from trtrag_cli.calibrate import _split, read_queries, read_trt_cache, trt_cache_text, trt_version_number
-from trtrag_cli.errors import TrtragError
-from trtrag_cli.quantize import qdq
-from trtrag_cli.quantize.stats import RangeCollector, TensorHistogram, drift
-
+from trtrag_cli.calibrate import qdq
+from trtrag_cli.calibrate.run import _split, read_queries, read_trt_cache, trt_cache_text, trt_version_number
+from trtrag_cli.calibrate.stats import RangeCollector, TensorHistogram, drift
+from trtrag_cli.util.errors import TrtragError
 
 # ------------------------------------------------------------------------------------------ query sets
 
@@ -187,7 +186,7 @@ def _ffn_model(k: int = 8, n: int = 6):
 
 
 def test_smoothing_is_exact_in_fp32_and_tames_outlier_channels(tmp_path):
-    from trtrag_cli.quantize import smooth
+    from trtrag_cli.calibrate import smooth
 
     model = _ffn_model()
     x = np.random.default_rng(5).normal(0, 1, (256, 8)).astype(np.float32)
@@ -216,8 +215,8 @@ def test_smoothing_is_exact_in_fp32_and_tames_outlier_channels(tmp_path):
 def test_tuning_picks_smoothing_and_a_percentile_that_keeps_rare_huge_values():
     from onnx import numpy_helper
 
-    from trtrag_cli.calibrate import _RowSample
-    from trtrag_cli.quantize import smooth
+    from trtrag_cli.calibrate import smooth
+    from trtrag_cli.calibrate.run import _RowSample
 
     model = _ffn_model()
     rng = np.random.default_rng(6)

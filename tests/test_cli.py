@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import EXAMPLES, ROOT, Cli
 
 HEAVY = ("torch", "onnxruntime", "faiss", "transformers", "sentence_transformers", "bm25s", "tensorrt")
@@ -223,8 +222,8 @@ def test_failed_index_run_leaves_previous_generation(cli, make_recipe, corpus_co
 
 
 def test_workspace_lock_blocks_a_second_writer(cli, make_recipe, corpus_copy):
-    from trtrag_cli.artifacts import Workspace
-    from trtrag_cli.recipe import load_recipe
+    from trtrag_cli.recipe.schema import load_recipe
+    from trtrag_cli.util.workspace import Workspace
 
     recipe = make_recipe()
     with Workspace(load_recipe(recipe).workspace_dir()).lock():
@@ -258,7 +257,7 @@ def test_doctor_advice_follows_the_designs_sizing_rules(tmp_path):
     from types import SimpleNamespace
 
     from trtrag_cli.doctor import generator_params, hardware_advice, vector_index_stage
-    from trtrag_cli.recipe import load_recipe
+    from trtrag_cli.recipe.schema import load_recipe
 
     recipe = load_recipe(None, [])
     small = [{"name": "T4", "memory_mib": 1024, "driver": "x", "compute_capability": "7.5"}]
@@ -281,9 +280,9 @@ def test_doctor_advice_follows_the_designs_sizing_rules(tmp_path):
 
 
 def test_doctor_names_the_decode_path_a_gpu_would_take():
-    from trtrag_cli.deps import available
     from trtrag_cli.doctor import generator_stage
-    from trtrag_cli.recipe import load_recipe
+    from trtrag_cli.recipe.schema import load_recipe
+    from trtrag_cli.util.deps import available
 
     h200 = [{"name": "H200", "memory_mib": 143771, "driver": "x", "compute_capability": "9.0"}]
     recipe = load_recipe(None, ["answer.generator=transformers"])
@@ -301,7 +300,7 @@ def test_gpu_watch_summarises_the_busiest_card_from_nvidia_smi(tmp_path, monkeyp
     """doctor.GpuWatch reads `nvidia-smi -lms` while a block runs. No GPU here, so a stand-in nvidia-smi on
     PATH prints what the real one does for a two-GPU host whose second card sits at its power limit with
     its clock pulled down (as H200 cards did in the decode benchmarks), plus an [N/A] field to skip."""
-    from trtrag_cli.doctor import GpuWatch
+    from trtrag_cli.util.gpu import GpuWatch
 
     stand_in = tmp_path / "nvidia-smi"
     stand_in.write_text(

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from trtrag_cli.chunking import Chunk, chunk_document, chunk_documents, prepare_tokenizer
-from trtrag_cli.corpus import Document, ScanReport, load_corpus, load_documents, scan
-from trtrag_cli.errors import TrtragError
+from trtrag_cli.corpus.chunking import Chunk, chunk_document, chunk_documents, prepare_tokenizer
+from trtrag_cli.corpus.loaders import Document, ScanReport, load_corpus, load_documents, scan
+from trtrag_cli.util.errors import TrtragError
 
 needs_symlinks = pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt",
                                     reason="symlinks need a POSIX filesystem")

@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trtrag_cli.encoders.onnxruntime import new_session, session_options, split_skip_layernorm
-from trtrag_cli.quantize import cpu, smooth
+from trtrag_cli.calibrate import smooth
+from trtrag_cli.encode.onnxruntime import new_session, session_options, split_skip_layernorm
+from trtrag_cli.engine import ort_static as cpu
 
 H = 8
 

@@ -23,7 +23,7 @@ DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32, torch.floa
 
 @pytest.fixture(scope="module")
 def dk():
-    from trtrag_cli.generators import decode_kernels
+    from trtrag_cli.generate.decode import kernels as decode_kernels
 
     return decode_kernels
 
@@ -214,7 +214,7 @@ def test_decoder_gives_the_same_tokens_from_packed_matrices(dk):
     matrices packed as with them as they are (every matrix of this shape packs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trtrag_cli.generators.graph_decode import GraphDecoder
+    from trtrag_cli.generate.decode.graph import GraphDecoder
 
     torch.manual_seed(10)
     config = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
@@ -278,7 +278,7 @@ def test_decoder_through_the_kernels_gives_transformers_tokens(dk):
     either side of a 64-position attention block edge."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from trtrag_cli.generators.graph_decode import GraphDecoder
+    from trtrag_cli.generate.decode.graph import GraphDecoder
 
     torch.manual_seed(4)
     config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

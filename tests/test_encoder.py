@@ -15,10 +15,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trtrag_cli.encoders import Encoder, open_encoder  # noqa: E402
-from trtrag_cli.encoders import onnxruntime as ortenc  # noqa: E402
-from trtrag_cli.encoders.models import load_tokenizer, model_dir, model_info  # noqa: E402
-from trtrag_cli.errors import TrtragError  # noqa: E402
+from trtrag_cli.encode import onnxruntime as ortenc
+from trtrag_cli.encode.models import load_tokenizer, model_dir, model_info
+from trtrag_cli.encode.registry import Encoder, open_encoder
+from trtrag_cli.util.errors import TrtragError
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
@@ -225,7 +225,7 @@ def test_import_is_light():
 def test_auto_picks_torch_only_with_a_gpu_and_a_precision_it_has(monkeypatch):
     import trtrag_cli.encoders as encoders
 
-    from trtrag_cli.encoders import resolve_backend
+    from trtrag_cli.encode.registry import resolve_backend
 
     assert resolve_backend("auto", "fp32") == ("torch" if encoders.gpu_present() else "onnxruntime")
     monkeypatch.setattr(encoders, "gpu_present", lambda: True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trtrag_cli import deps
+from trtrag_cli.util import deps
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "calibration" / "corvane.txt"
@@ -81,8 +81,8 @@ def test_qdq_model_runs_in_onnxruntime_with_int8_weights(built):
     import onnx
     from onnx import numpy_helper
 
-    from trtrag_cli.encoders.models import model_info
-    from trtrag_cli.encoders.onnxruntime import OrtEncoder
+    from trtrag_cli.encode.models import model_info
+    from trtrag_cli.encode.onnxruntime import OrtEncoder
 
     path = Path(built["calibration"]["path"]) / "model.qdq.onnx"
     model = onnx.load(str(path))
@@ -174,7 +174,7 @@ def test_impossible_engine_shapes_are_refused(cli, make_recipe):
 
 
 def test_gpu_backends_on_a_cpu_machine_say_what_is_missing(cli, make_recipe):
-    from trtrag_cli.encoders import gpu_present
+    from trtrag_cli.util.gpu import gpu_present
 
     if gpu_present():
         pytest.skip("this machine has a GPU")
@@ -197,7 +197,7 @@ needs_trt = pytest.mark.skipif(not deps.available("tensorrt"),
 @pytest.mark.tensorrt
 @needs_trt
 def test_tensorrt_int8_plan_matches_fp32(chain, cli):
-    from trtrag_cli.encoders import gpu_present
+    from trtrag_cli.util.gpu import gpu_present
 
     if not gpu_present():
         pytest.skip("TensorRT needs a CUDA GPU")
@@ -205,8 +205,8 @@ def test_tensorrt_int8_plan_matches_fp32(chain, cli):
     assert rep["backend"] == "tensorrt" and rep["strongly_typed"] and Path(rep["path"], "model.plan").is_file()
     import numpy as np
 
-    from trtrag_cli.indexing import open_recipe_encoder
-    from trtrag_cli.recipe import load_recipe
+    from trtrag_cli.encode.artifacts import open_recipe_encoder
+    from trtrag_cli.recipe.schema import load_recipe
 
     texts = (ROOT / "calibration" / "corvane.txt").read_text().splitlines()[:64]
     fp32 = load_recipe(chain["recipe"], ["encoder.backend=onnxruntime"])
@@ -232,10 +232,10 @@ def test_doctor_reports_whether_the_int8_engine_is_usable(built, cli, make_recip
 
 
 def test_recall_gate_skips_eval_queries_of_another_corpus(chain, tmp_path):
-    from trtrag_cli.calibrate import load_calibration
-    from trtrag_cli.encoders.models import model_info
-    from trtrag_cli.quantize import gate
-    from trtrag_cli.recipe import load_recipe
+    from trtrag_cli.calibrate import gate
+    from trtrag_cli.encode.artifacts import load_calibration
+    from trtrag_cli.encode.models import model_info
+    from trtrag_cli.recipe.schema import load_recipe
 
     recipe = load_recipe(chain["recipe"])
     other = tmp_path / "other.jsonl"

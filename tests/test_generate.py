@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from trtrag_cli.errors import TrtragError
-from trtrag_cli.generators.base import LanguageModelGenerator, SamplingParams, StopFilter
-from trtrag_cli.generators.prompt import build_prompt, citations
+from trtrag_cli.generate.base import LanguageModelGenerator, SamplingParams, StopFilter
+from trtrag_cli.generate.prompt import build_prompt, citations
+from trtrag_cli.util.errors import TrtragError
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -57,7 +57,7 @@ def tiny_lm(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def backend(tiny_lm):
-    from trtrag_cli.generators.hf import TransformersBackend
+    from trtrag_cli.generate.hf import TransformersBackend
 
     return TransformersBackend(str(tiny_lm), device="cpu")
 
@@ -119,7 +119,7 @@ def test_prompt_fits_the_context_in_model_tokens(backend):
 @pytest.fixture(scope="module")
 def fast(tiny_lm):
     """The same model through our own decoder (graph_decode.py); on the CPU it runs without CUDA graphs."""
-    from trtrag_cli.generators.hf import TransformersBackend
+    from trtrag_cli.generate.hf import TransformersBackend
 
     return TransformersBackend(str(tiny_lm), device="cpu", decode="graph")
 
@@ -159,14 +159,14 @@ def test_citations_map_back_to_sources():
 
 
 def test_bad_model_paths_are_one_line_errors(tmp_path, tiny_lm):
-    from trtrag_cli.generators.hf import TransformersBackend
+    from trtrag_cli.generate.hf import TransformersBackend
 
     with pytest.raises(TrtragError, match="does not exist"):
         TransformersBackend(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(TrtragError, match="no config.json"):
         TransformersBackend(str(tmp_path / "empty"))
-    from trtrag_cli.encoders.models import model_dir
+    from trtrag_cli.encode.models import model_dir
 
     with pytest.raises(TrtragError, match="not a causal language model"):
         TransformersBackend(str(model_dir("all-MiniLM-L6-v2")))
@@ -176,7 +176,7 @@ def test_bad_model_paths_are_one_line_errors(tmp_path, tiny_lm):
 
 @pytest.fixture(scope="module")
 def node(backend):
-    from trtrag_cli.server import Service, make_server
+    from trtrag_cli.serve.server import Service, make_server
 
     service = Service(None, backend, model_name="tiny", max_wait_ms=20)
     server = make_server(service, "127.0.0.1", 0)
@@ -195,7 +195,7 @@ def _free_port() -> int:
 
 
 def test_openai_backend_fails_over_to_a_live_node_and_matches_local_generation(node, tiny_lm, backend):
-    from trtrag_cli.generators.openai_node import OpenAIBackend
+    from trtrag_cli.generate.openai_node import OpenAIBackend
 
     url, service = node
     dead = f"http://127.0.0.1:{_free_port()}/v1"
@@ -235,7 +235,7 @@ def test_concurrent_requests_are_batched_on_the_node(node, tiny_lm, backend):
 
 
 def test_nodes_down_or_silent_fail_fast_with_a_clear_error(tiny_lm, backend):
-    from trtrag_cli.generators.openai_node import OpenAIBackend
+    from trtrag_cli.generate.openai_node import OpenAIBackend
 
     prompt = build_prompt(backend.tokenizer, "q?", PASSAGES[:1], 512, 8)
     down = OpenAIBackend([f"http://127.0.0.1:{_free_port()}/v1"], "tiny", str(tiny_lm), timeout_s=5)

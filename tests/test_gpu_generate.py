@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from trtrag_cli.generators.base import SamplingParams
-from trtrag_cli.generators.prompt import Prompt
-from trtrag_cli.index import torch_gpu_count
+from trtrag_cli.generate.base import SamplingParams
+from trtrag_cli.generate.prompt import Prompt
+from trtrag_cli.util.gpu import torch_gpu_count
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch_gpu_count() == 0, reason="needs torch with a CUDA GPU")]
@@ -19,8 +19,8 @@ pytestmark = [pytest.mark.gpu,
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def _prompts(n_rows, lengths=(37, 300, 5, 129)):
                          [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
                          ids=["torch-layers", "compiled-layers", "triton-kernels", "triton-kernels-ordered"])
 def test_graph_decoder_gives_transformers_tokens(model_and_tokenizer, compile, kernels, deterministic):
-    from trtrag_cli.generators.hf import TransformersBackend
+    from trtrag_cli.generate.hf import TransformersBackend
 
     model, tok = model_and_tokenizer
     reference = TransformersBackend.from_model(model, tok, decode="transformers", static_cache=False)
@@ -73,8 +73,8 @@ def test_packed_matrices_decode_the_same_tokens(model_and_tokenizer):
 
     import torch
 
-    from trtrag_cli.generators.decode_kernels import Packed
-    from trtrag_cli.generators.hf import TransformersBackend
+    from trtrag_cli.generate.decode.kernels import Packed
+    from trtrag_cli.generate.hf import TransformersBackend
 
     model, tok = model_and_tokenizer
     half = copy.deepcopy(model).to(torch.bfloat16)

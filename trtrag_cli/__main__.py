@@ -1,5 +1,5 @@
 """python -m trtrag_cli"""
 
-from .cli import main
+from trtrag_cli.cli.app import main
 
 main()

@@ -3,95 +3,19 @@
 from __future__ import annotations
 
 import platform
-import shutil
-import statistics
-import subprocess
 
-from .deps import available, version
-from .recipe import Recipe
+from trtrag_cli.recipe.schema import Recipe
+from trtrag_cli.util.deps import available, version
+from trtrag_cli.util.gpu import gpus
 
 LIBRARIES = ("numpy", "onnxruntime", "onnx", "faiss-cpu", "faiss-gpu", "bm25s", "PyStemmer", "tokenizers",
              "torch", "transformers", "triton", "sentence-transformers", "tensorrt", "tensorrt-llm",
              "nvidia-modelopt", "typer", "rich", "pyyaml")
 
 
-def gpus() -> list[dict]:
-    """GPUs seen by nvidia-smi (empty when there is none or no driver)."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return []
-    try:
-        out = subprocess.run([exe, "--query-gpu=name,memory.total,driver_version,compute_cap",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    rows = []
-    for line in out.stdout.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 4:
-            rows.append({"name": parts[0], "memory_mib": int(float(parts[1])), "driver": parts[2],
-                         "compute_capability": parts[3]})
-    return rows
-
-
-class GpuWatch:
-    """nvidia-smi sampling every GPU's SM clock and power every `every_ms` while a block runs, so that a
-    benchmark's figures come with whether the card held its clock (a card at its power limit lowers it, and
-    memory-bound decoding loses a few percent with it). summary(): for the busiest GPU (highest median power),
-    {"gpu", "samples", "sm_clock_mhz": {min, median, max}, "power_w": {median, max}, "power_limit_w",
-    "at_power_limit"}; {} where there is no nvidia-smi or no sample came."""
-
-    FIELDS = "index,clocks.sm,power.draw,power.limit"
-
-    def __init__(self, every_ms: int = 200):
-        self.every_ms = every_ms
-        self._process = None
-        self._rows: list[list[str]] = []
-
-    def __enter__(self) -> GpuWatch:
-        exe = shutil.which("nvidia-smi")
-        if exe:
-            try:
-                self._process = subprocess.Popen(
-                    [exe, f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits", f"--loop-ms={self.every_ms}"],
-                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            except OSError:
-                self._process = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            out, _ = self._process.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            out, _ = self._process.communicate()
-        self._rows = [[p.strip() for p in line.split(",")] for line in out.splitlines()]
-
-    def summary(self) -> dict:
-        by_gpu: dict[str, list[tuple[float, float, float]]] = {}
-        for row in self._rows:
-            try:
-                index, clock, power, limit = row[0], float(row[1]), float(row[2]), float(row[3])
-            except (IndexError, ValueError):   # "[N/A]" fields, a line cut off at the end
-                continue
-            by_gpu.setdefault(index, []).append((clock, power, limit))
-        if not by_gpu:
-            return {}
-        median = statistics.median
-        index, samples = max(by_gpu.items(), key=lambda kv: median(p for _, p, _ in kv[1]))
-        clocks, powers, limit = [c for c, _, _ in samples], [p for _, p, _ in samples], samples[-1][2]
-        return {"gpu": int(index), "samples": len(samples),
-                "sm_clock_mhz": {"min": min(clocks), "median": median(clocks), "max": max(clocks)},
-                "power_w": {"median": round(median(powers), 1), "max": max(powers)}, "power_limit_w": limit,
-                "at_power_limit": max(powers) >= 0.97 * limit}
-
-
 def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
     """Backend per stage with the reason it was chosen."""
-    from .encoders import resolve_backend
+    from trtrag_cli.encode.registry import resolve_backend
 
     enc = recipe.encoder.backend
     enc_choice = resolve_backend(enc, recipe.encoder.precision) if enc == "auto" else enc
@@ -123,7 +47,7 @@ def generator_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
     answer = recipe.answer
     why = "answer.generator in the recipe"
     if answer.generator == "transformers":
-        from .generators.hf import wants_fast_decoder
+        from trtrag_cli.generate.hf import wants_fast_decoder
 
         on_gpu = answer.device.startswith("cuda") or (answer.device == "auto" and bool(gpu_list))
         if not wants_fast_decoder(answer.decode, on_gpu):
@@ -143,7 +67,8 @@ def generator_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
 def vector_index_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
     """Where searches will run for the recipe's index on this machine, and why (index.placement_for, the
     rules VectorIndex follows)."""
-    from .index import gpu_count, placement_for, torch_gpu_count
+    from trtrag_cli.index.vectors import placement_for
+    from trtrag_cli.util.gpu import gpu_count, torch_gpu_count
 
     cfg = recipe.index
     faiss_gpus = gpu_count() if available("faiss") else 0
@@ -164,8 +89,8 @@ def vector_index_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
 def hardware_advice(recipe: Recipe, gpu_list: list[dict], index_vectors: int | None = None) -> list[str]:
     """The design's sizing rules as warnings where they apply: GPU memory about twice what the models and
     the index need, and tensor parallelism for generators past 32B parameters."""
-    from .encoders.models import model_info
-    from .errors import TrtragError
+    from trtrag_cli.encode.models import model_info
+    from trtrag_cli.util.errors import TrtragError
 
     if not gpu_list:
         return []
@@ -208,11 +133,11 @@ def generator_params(recipe: Recipe) -> float | None:
 
 def _engine_status(recipe: Recipe, backend: str) -> dict | None:
     """Whether the engine the recipe needs (int8 or TensorRT) is built and still loadable here."""
-    from .errors import TrtragError
+    from trtrag_cli.util.errors import TrtragError
 
     if recipe.encoder.precision != "int8" and backend != "tensorrt":
         return None
-    from .engine import check_ort_engine, load_manifest
+    from trtrag_cli.encode.artifacts import check_ort_engine, load_manifest
 
     try:
         folder, manifest = load_manifest(recipe, backend, recipe.encoder.precision)
@@ -241,7 +166,8 @@ def run_doctor(recipe: Recipe) -> dict:
 
 def _indexed_vectors(recipe: Recipe) -> int | None:
     """How many vectors the workspace's current index holds (None when there is none)."""
-    from .artifacts import Workspace, read_json
+    from trtrag_cli.util.files import read_json
+    from trtrag_cli.util.workspace import Workspace
 
     gen = Workspace(recipe.workspace_dir()).current_index()
     if gen is None or not (gen / "manifest.json").is_file():

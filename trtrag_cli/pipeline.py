@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .errors import TrtragError
-from .generators.prompt import citations
-from .recipe import Recipe
+from trtrag_cli.generate.prompt import citations
+from trtrag_cli.recipe.schema import Recipe
+from trtrag_cli.util.errors import TrtragError
 
 
 def _generation_report(generator) -> dict | None:
@@ -35,9 +35,9 @@ class Pipeline:
     """A retriever plus a generator for one workspace; a context manager."""
 
     def __init__(self, recipe: Recipe):
-        from .generators import open_generator
-        from .indexing import chunk_tokenizer
-        from .retrieve import Retriever
+        from trtrag_cli.encode.models import chunk_tokenizer
+        from trtrag_cli.generate.registry import open_generator
+        from trtrag_cli.retrieve.retriever import Retriever
 
         self.recipe = recipe
         self.retriever = Retriever(recipe)

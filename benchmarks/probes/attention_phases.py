@@ -15,8 +15,8 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 from gpu_generation import edited_kernels, random_llama_13b, step_rounds  # noqa: E402
 
-from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
-from trtrag_cli.generators.graph_decode import GraphDecoder  # noqa: E402
+from trtrag_cli.generate.decode import kernels as dk
+from trtrag_cli.generate.decode.graph import GraphDecoder
 
 COMBINE = "    # The last program of this row and K/V head to finish combines them all (no second kernel).\n"
 LOOP = "    for start in range(first, last, BLOCK):\n"

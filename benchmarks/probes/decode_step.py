@@ -29,8 +29,8 @@ sys.path.insert(0, "benchmarks")
 from gpu_generation import random_llama_13b, step_loop_ms  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
-from trtrag_cli.generators.hf import TransformersBackend  # noqa: E402
+from trtrag_cli.generate.decode import kernels as dk
+from trtrag_cli.generate.hf import TransformersBackend
 
 VARIANTS = {"plain": {}, "argmax_after": {"fused_greedy": False}, "ordered": {"deterministic": True},
             "tuned": {"tiles": True}, "tuned_argmax_after": {"tiles": True, "fused_greedy": False}}

@@ -14,7 +14,7 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 from gpu_generation import random_llama_13b  # noqa: E402
 
-from trtrag_cli.generators.graph_decode import GraphDecoder  # noqa: E402
+from trtrag_cli.generate.decode.graph import GraphDecoder
 
 F = torch.nn.functional
 PROMPT = list(range(100, 1124))

@@ -15,8 +15,8 @@ sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 from gpu_generation import edited_kernels, random_llama_13b, step_rounds  # noqa: E402
 
-from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
-from trtrag_cli.generators.graph_decode import GraphDecoder  # noqa: E402
+from trtrag_cli.generate.decode import kernels as dk
+from trtrag_cli.generate.decode.graph import GraphDecoder
 
 # A program's rows become one region of BLOCK_N * K elements, its tiles BLOCK_N * BLOCK_K apart in it: the
 # tile at column start begins at start * BLOCK_N, its row r at r * BLOCK_K.

@@ -10,11 +10,15 @@ import os
 import statistics
 import sys
 import time
+
 import torch
+
 sys.path.insert(0, ".")
 sys.path.insert(0, "benchmarks")
 from gpu_generation import random_llama_13b
-from trtrag_cli.generators.graph_decode import GraphDecoder
+
+from trtrag_cli.generate.decode.graph import GraphDecoder
+
 OUT = os.environ.get("OUT", ".")
 model = random_llama_13b()
 dec = GraphDecoder(model, compile=True)

@@ -13,9 +13,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from gpu_generation import random_llama_13b, step_rounds  # noqa: E402
 
-from trtrag_cli.doctor import GpuWatch  # noqa: E402
-from trtrag_cli.generators import decode_kernels as dk  # noqa: E402
-from trtrag_cli.generators.graph_decode import GraphDecoder  # noqa: E402
+from trtrag_cli.util.gpu import GpuWatch
+from trtrag_cli.generate.decode import kernels as dk
+from trtrag_cli.generate.decode.graph import GraphDecoder
 
 
 def load(name):

@@ -1,0 +1,117 @@
+"""What the encoders load from a workspace: built engines, the calibration, the export cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from trtrag_cli.recipe.schema import Recipe
+from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.files import library_versions, read_json
+from trtrag_cli.util.workspace import Workspace
+
+ENGINES = "engines"
+MANIFEST = "manifest.json"
+FORMAT = 1
+# The calibration folder that `trtrag calibrate` publishes (calibrate/run.py writes it, engines read it).
+CALIBRATION_DIR = "calibration"
+QDQ_MODEL = "model.qdq.onnx"
+REPORT = "calibration.json"
+TRT_CACHE = "calibration.cache"
+HOLDOUT = "holdout.txt"
+SMOOTHING = "smoothing.json"
+
+
+def open_recipe_encoder(recipe: Recipe, ws: Workspace):
+    """The encoder the recipe names, with its export cached in the workspace."""
+    from trtrag_cli.encode.registry import open_encoder, resolve_backend
+
+    enc = recipe.encoder
+    backend = resolve_backend(enc.backend, enc.precision)
+    if backend == "tensorrt" or enc.precision == "int8":
+        return open_engine_encoder(recipe, backend)
+    return open_encoder(enc.model, enc.backend, encoder_cache(recipe), threads=enc.threads,
+                        max_tokens=enc.max_tokens, precision=enc.precision)
+
+
+def encoder_cache(recipe: Recipe) -> Path:
+    """Where exported encoders live: shared by the recipes of one workspace root ($TRTRAG_CACHE wins)."""
+    root = os.environ.get("TRTRAG_CACHE")
+    base = Path(root) if root else Path(recipe.workspace) / "_cache"
+    return base / "encoders" / recipe.encoder.model.replace("/", "_")
+
+
+def engine_dir(recipe: Recipe, backend: str, precision: str) -> Path:
+    """Where the engine for (backend, precision) of this recipe lives."""
+    return recipe.workspace_dir() / ENGINES / f"{backend}-{precision}"
+
+
+def _rebuild_hint(precision: str, backend: str) -> str:
+    return f"run: trtrag build-engine --{precision} --backend {backend}"
+
+
+def load_manifest(recipe: Recipe, backend: str, precision: str) -> tuple[Path, dict]:
+    """The engine folder and manifest, refusing a missing engine or one built under another key."""
+    folder = engine_dir(recipe, backend, precision)
+    if not (folder / MANIFEST).is_file():
+        raise TrtragError(f"no {backend} {precision} engine in {folder}",
+                          ("run: trtrag calibrate && " if precision == "int8" else "run: ")
+                          + _rebuild_hint(precision, backend).removeprefix("run: "))
+    manifest = read_json(folder / MANIFEST)
+    if manifest.get("format") != FORMAT or manifest.get("model") != recipe.encoder.model:
+        raise TrtragError(f"the engine in {folder} was built for {manifest.get('model')} (format "
+                          f"{manifest.get('format')})", _rebuild_hint(precision, backend))
+    return folder, manifest
+
+
+def check_ort_engine(recipe: Recipe, manifest: dict, folder: Path) -> None:
+    """Refuse an ORT engine whose versions or calibration no longer match this machine and workspace."""
+    from trtrag_cli.encode.artifacts import load_calibration
+
+    now = library_versions(("onnxruntime", "onnx"))
+    if manifest.get("versions") != now:
+        raise TrtragError(f"the engine in {folder} was built with {manifest.get('versions')}, this is {now}",
+                          _rebuild_hint(manifest["precision"], "onnxruntime"))
+    if manifest.get("calibration"):
+        _, calibration = load_calibration(recipe)
+        if calibration["id"] != manifest["calibration"]:
+            raise TrtragError(f"the engine in {folder} was built from calibration {manifest['calibration']}, "
+                              f"the workspace now holds {calibration['id']}",
+                              _rebuild_hint(manifest["precision"], "onnxruntime"))
+    path = folder / manifest["file"]
+    if not path.is_file():
+        raise TrtragError(f"{path} is missing", _rebuild_hint(manifest["precision"], "onnxruntime"))
+
+
+def open_engine_encoder(recipe: Recipe, backend: str):
+    """The encoder served by a built engine (onnxruntime int8, tensorrt)."""
+    from trtrag_cli.encode.models import model_info
+
+    enc = recipe.encoder
+    folder, manifest = load_manifest(recipe, backend, enc.precision)
+    if backend == "tensorrt":
+        from trtrag_cli.encode import tensorrt as trt_encoder
+
+        return trt_encoder.open_engine(recipe, folder, manifest)
+    check_ort_engine(recipe, manifest, folder)
+    from trtrag_cli.encode.onnxruntime import RUN_TOKENS, OrtEncoder
+
+    tag = hashlib.sha256(json.dumps([manifest.get("calibration"), manifest.get("form"),
+                                     manifest.get("kept_float")]).encode()).hexdigest()[:8]
+    run_tokens = (manifest.get("run_tokens") or {}).get("chosen", RUN_TOKENS)
+    return OrtEncoder(folder / manifest["file"], model_info(enc.model), threads=enc.threads, max_tokens=enc.max_tokens,
+                      label=f"onnxruntime-{enc.precision}-{tag}", run_tokens=run_tokens)
+
+
+def load_calibration(recipe: Recipe) -> tuple[Path, dict]:
+    """The published calibration folder and its report, or a user error saying how to make one."""
+    folder = recipe.workspace_dir() / CALIBRATION_DIR
+    if not (folder / REPORT).is_file():
+        raise TrtragError(f"no calibration in {folder}", "run: trtrag calibrate")
+    report = read_json(folder / REPORT)
+    if report.get("model") != recipe.encoder.model:
+        raise TrtragError(f"the calibration in {folder} is for {report.get('model')}, not {recipe.encoder.model}",
+                          "run: trtrag calibrate")
+    return folder, report

@@ -1,0 +1,131 @@
+"""What every language-model generator shares: sampling settings, results, and stop-sequence handling.
+
+A backend implements `generate(prompts, params) -> list[Generation]` (a batch, in order) and
+`stream(prompt, params) -> Iterator[str]` (text pieces as they come), where a prompt is a
+`prompt.Prompt` (rendered text, token ids, the passages it holds). `LanguageModelGenerator` turns
+that into the `answer(question, passages)` that `ask` calls, with the prompt fitted to the context.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from trtrag_cli.generate.prompt import Prompt, build_prompt
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 turn those filters off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = 0
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_recipe(cls, answer) -> SamplingParams:
+        return cls(answer.max_new_tokens, answer.temperature, answer.top_k, answer.top_p,
+                   None if answer.seed < 0 else answer.seed, tuple(answer.stop))
+
+
+@dataclass
+class Generation:
+    """One completion and what it cost."""
+
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    ttft_ms: float | None = None
+    total_ms: float | None = None
+    finish: str = "length"          # "stop" (a stop sequence or end of text) or "length"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode rate after the first token."""
+        if not self.total_ms or self.ttft_ms is None or self.output_tokens < 2:
+            return None
+        return (self.output_tokens - 1) / max(1e-9, (self.total_ms - self.ttft_ms) / 1e3)
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """text up to the earliest stop sequence, and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+class StopFilter:
+    """Streams text pieces while holding back what could be the start of a stop sequence."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = tuple(s for s in stop if s)
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.held += piece
+        text, hit = cut_at_stop(self.held, self.stop)
+        if hit:
+            self.stopped = True
+            self.held = ""
+            return text
+        keep = max((len(s) - 1 for s in self.stop), default=0)
+        # Hold back the longest tail that is a prefix of some stop sequence.
+        tail = 0
+        for n in range(min(keep, len(self.held)), 0, -1):
+            if any(s.startswith(self.held[-n:]) for s in self.stop):
+                tail = n
+                break
+        out, self.held = self.held[:len(self.held) - tail], self.held[len(self.held) - tail:]
+        return out
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
+
+
+class LanguageModelGenerator:
+    """The `answer()` generator `ask` uses, over a backend with generate/stream and a tokenizer."""
+
+    def __init__(self, backend, params: SamplingParams, context: int):
+        self.backend = backend
+        self.params = params
+        self.context = context
+        self.name = backend.name
+        self.last: Generation | None = None
+        self.last_prompt: Prompt | None = None
+
+    def prompt(self, question: str, passages: list[dict]) -> Prompt:
+        return build_prompt(self.backend.tokenizer, question, passages, self.context, self.params.max_new_tokens)
+
+    def answer(self, question: str, passages: list[dict]) -> str:
+        """The whole answer; generated as a stream so that time to first token is measured too."""
+        return "".join(self.stream(question, passages)).strip()
+
+    def stream(self, question: str, passages: list[dict]) -> Iterator[str]:
+        """Answer pieces as they are generated; `last` holds the totals afterwards."""
+        prompt = self.prompt(question, passages)
+        self.last_prompt = prompt
+        started = time.perf_counter()
+        first = None
+        pieces = []
+        for piece in self.backend.stream(prompt, self.params):
+            if first is None and piece:
+                first = time.perf_counter()
+            pieces.append(piece)
+            yield piece
+        text = "".join(pieces)
+        total = (time.perf_counter() - started) * 1e3
+        self.last = Generation(text, len(prompt.ids), self.backend.count_tokens(text),
+                               None if first is None else (first - started) * 1e3, total)
+
+    def close(self) -> None:
+        closer = getattr(self.backend, "close", None)
+        if closer:
+            closer()

@@ -1,0 +1,120 @@
+"""Generation on OpenAI-compatible nodes (trtllm-serve, vLLM, NIM, another `trtrag serve`).
+
+Requests go through the official `openai` client. Several base URLs are balanced round-robin; a node
+that refuses the connection, times out or answers 5xx is skipped for the next one, and only when every
+node failed does the call fail (one line naming the nodes and the fix). A stream fails over only before
+its first piece: after that, text already shown cannot be taken back.
+
+The prompt is fitted to the served model's context with that model's own tokenizer, so `answer.model`
+names a local folder holding it (the node's model folder, or just its tokenizer files).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+from trtrag_cli.generate.base import Generation, SamplingParams, StopFilter, cut_at_stop
+from trtrag_cli.generate.prompt import Prompt
+from trtrag_cli.util import deps
+from trtrag_cli.util.errors import TrtragError
+
+
+class OpenAIBackend:
+    """Chat completions over one or more OpenAI-compatible base URLs, with failover."""
+
+    name = "openai"
+
+    def __init__(self, base_urls: list[str], model: str, tokenizer_dir: str, api_key_env: str = "OPENAI_API_KEY",
+                 timeout_s: float = 30.0):
+        openai = deps.require("openai", "the openai generator")
+        transformers = deps.require("transformers", "fitting prompts for the openai generator")
+        if not base_urls:
+            raise TrtragError("answer.generator is openai but answer.base_urls is empty",
+                              "list the nodes, e.g. answer.base_urls: [http://127.0.0.1:8000/v1]")
+        if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
+            raise TrtragError(f"the openai generator needs the served model's tokenizer; answer.model is "
+                              f"'{tokenizer_dir}'", "set answer.model to a local folder with its tokenizer files")
+        self.model = model
+        self.base_urls = list(base_urls)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        key = os.environ.get(api_key_env) or "not-needed"  # local nodes ignore it; the client requires one
+        self._clients = [openai.OpenAI(base_url=url, api_key=key, timeout=timeout_s, max_retries=0)
+                         for url in self.base_urls]
+        self._errors = (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError)
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _order(self) -> list[int]:
+        with self._lock:
+            start = next(self._next) % len(self._clients)
+        return [(start + i) % len(self._clients) for i in range(len(self._clients))]
+
+    def _request(self, prompt: Prompt, params: SamplingParams, stream: bool) -> dict:
+        body = {"model": self.model, "messages": prompt.messages, "max_tokens": params.max_new_tokens,
+                "temperature": params.temperature, "top_p": params.top_p, "stream": stream}
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.top_k:
+            body["extra_body"] = {"top_k": params.top_k}  # not in the OpenAI API; vLLM and trtllm-serve take it
+        return body
+
+    def _fail(self, failures: list[str]) -> TrtragError:
+        return TrtragError("no generation node answered: " + "; ".join(failures),
+                           "start a node at one of answer.base_urls, raise answer.timeout_s, or set "
+                           "answer.fallback: extractive")
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
+        """One request per prompt, in turn (concurrent callers, e.g. `serve`, are what a node batches)."""
+        return [self._one(p, params) for p in prompts]
+
+    def _one(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        failures = []
+        for i in self._order():
+            started = time.perf_counter()
+            try:
+                reply = self._clients[i].chat.completions.create(**self._request(prompt, params, False))
+            except self._errors as exc:
+                failures.append(f"{self.base_urls[i]}: {type(exc).__name__}")
+                continue
+            choice = reply.choices[0]
+            text, stopped = cut_at_stop(choice.message.content or "", params.stop)
+            usage = reply.usage
+            return Generation(text, usage.prompt_tokens if usage else len(prompt.ids),
+                              usage.completion_tokens if usage else self.count_tokens(text), None,
+                              (time.perf_counter() - started) * 1e3,
+                              "stop" if stopped or choice.finish_reason == "stop" else "length",
+                              {"node": self.base_urls[i]})
+        raise self._fail(failures)
+
+    def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
+        failures = []
+        for i in self._order():
+            started = False
+            try:
+                chunks = self._clients[i].chat.completions.create(**self._request(prompt, params, True))
+                gate = StopFilter(params.stop)
+                for chunk in chunks:
+                    delta = chunk.choices[0].delta.content if chunk.choices else None
+                    out = gate.feed(delta or "")
+                    if out:
+                        started = True
+                        yield out
+                tail = gate.flush()
+                if tail:
+                    yield tail
+                return
+            except self._errors as exc:
+                if started:
+                    raise TrtragError(f"generation node {self.base_urls[i]} failed mid-answer: {type(exc).__name__}",
+                                      "ask again; the other nodes are tried first next time") from None
+                failures.append(f"{self.base_urls[i]}: {type(exc).__name__}")
+        raise self._fail(failures)

@@ -1,0 +1,91 @@
+"""Answer generators behind one small interface: `answer(question, passages) -> text` with [n] citations.
+
+`extractive` picks cited sentences from the passages. The language-model generators (`transformers`,
+`openai`, `tensorrt-llm`) share `base.LanguageModelGenerator`, which fits the prompt to the model's
+context (prompt.py) and can also `stream` the answer. With `answer.fallback: extractive`, a
+language-model generator that fails at answer time (a node down, a timeout) hands the question to the
+extractive one and says so, instead of failing the request.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from trtrag_cli.util.errors import TrtragError
+
+
+class Generator(Protocol):
+    name: str
+
+    def answer(self, question: str, passages: list[dict]) -> str:
+        """Answer text with [n] citations, n being the 1-based position in `passages`."""
+
+
+def open_backend(answer):
+    """The language-model backend `answer.generator` names; extractive has none, which is an error here."""
+    if answer.generator == "extractive":
+        raise TrtragError("answer.generator is extractive: nothing to build, time or serve (it has no language "
+                          "model)", "set answer.generator (transformers, openai or tensorrt-llm) and answer.model")
+    if answer.generator == "transformers":
+        from trtrag_cli.generate.hf import TransformersBackend
+
+        return TransformersBackend(answer.model, answer.device, answer.dtype, answer.compile,
+                                   decode=answer.decode, kernels=answer.kernels, deterministic=answer.deterministic,
+                                   pack_weights=answer.pack_weights)
+    if answer.generator == "openai":
+        from trtrag_cli.generate.openai_node import OpenAIBackend
+
+        return OpenAIBackend(answer.base_urls, answer.served_model or answer.model, answer.model,
+                             answer.api_key_env, answer.timeout_s)
+    if answer.generator == "tensorrt-llm":
+        from trtrag_cli.generate.trtllm import TensorRTLLMBackend
+
+        return TensorRTLLMBackend(answer.model, tensor_parallel=answer.tensor_parallel,
+                                  kv_cache_reuse=answer.kv_cache_reuse, gpu_memory_fraction=answer.gpu_memory_fraction)
+    raise TrtragError(f"unknown generator '{answer.generator}'", "use extractive, transformers, openai or tensorrt-llm")
+
+
+def model_context(backend, answer) -> int:
+    """Tokens prompt + answer may use: answer.context, else what the model or its tokenizer says."""
+    if answer.context:
+        return answer.context
+    for value in (getattr(backend, "context", None), getattr(backend.tokenizer, "model_max_length", None)):
+        if isinstance(value, int) and 0 < value < 10_000_000:
+            return value
+    raise TrtragError("cannot tell the generator model's context length", "set answer.context in the recipe")
+
+
+def open_generator(recipe, lexical) -> Generator:
+    """The generator the recipe names; backends are imported only when chosen."""
+    from trtrag_cli.generate.extractive import ExtractiveGenerator
+
+    answer = recipe.answer
+    extractive = ExtractiveGenerator(lexical, answer.max_sentences)
+    if answer.generator == "extractive":
+        return extractive
+    from trtrag_cli.generate.base import LanguageModelGenerator, SamplingParams
+
+    backend = open_backend(answer)
+    generator = LanguageModelGenerator(backend, SamplingParams.from_recipe(answer), model_context(backend, answer))
+    return FallbackGenerator(generator, extractive) if answer.fallback == "extractive" else generator
+
+
+class FallbackGenerator:
+    """A language-model generator that answers extractively when it fails, with a warning."""
+
+    def __init__(self, primary, fallback):
+        self.primary, self.fallback = primary, fallback
+        self.name = primary.name
+        self.warning: str | None = None
+
+    def __getattr__(self, item):  # last, last_prompt, stream, close ... come from the primary
+        return getattr(self.primary, item)
+
+    def answer(self, question: str, passages: list[dict]) -> str:
+        self.warning = None
+        try:
+            return self.primary.answer(question, passages)
+        except TrtragError as exc:
+            self.warning = f"the {self.primary.name} generator failed ({exc.message}); answered extractively"
+            self.primary.last = None
+            return self.fallback.answer(question, passages)

@@ -1,0 +1,197 @@
+"""`trtrag index`: corpus folders -> chunks -> vectors + BM25, incrementally, in a new generation.
+
+A re-run embeds only chunks of new or changed files (and reuses vectors of chunk texts already seen),
+drops chunks of deleted files, and publishes the result atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from trtrag_cli.corpus.chunking import index_text
+from trtrag_cli.encode.artifacts import open_recipe_encoder
+from trtrag_cli.encode.models import chunk_tokenizer
+from trtrag_cli.recipe.schema import Recipe, dump_recipe
+from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.files import library_versions, read_json, write_json
+from trtrag_cli.util.workspace import Workspace
+
+MANIFEST = "manifest.json"
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def load_manifest(gen: Path) -> dict:
+    """The manifest of an index generation."""
+    return read_json(gen / MANIFEST)
+
+
+def _compatible(manifest: dict, recipe: Recipe, encoder_name: str) -> str | None:
+    """Why an earlier generation cannot be reused incrementally, or None when it can."""
+    if manifest.get("encoder", {}).get("name") != encoder_name:
+        return f"encoder changed ({manifest.get('encoder', {}).get('name')} -> {encoder_name})"
+    if manifest.get("chunking") != asdict(recipe.chunking):
+        return "chunking settings changed"
+    return None
+
+
+def _previous(ws: Workspace, recipe: Recipe, encoder_name: str, notes: list[str]):
+    from trtrag_cli.index.chunks import ChunkStore
+
+    gen = ws.current_index()
+    if gen is None:
+        return None, None, {}
+    manifest = load_manifest(gen)
+    why = _compatible(manifest, recipe, encoder_name)
+    if why:
+        notes.append(f"full rebuild: {why}")
+        return None, None, {}
+    return gen, ChunkStore.load(gen), manifest.get("files", {})
+
+
+def _chunk_new_files(entries, report, recipe: Recipe, tokenizer):
+    """Load and chunk the given files; returns chunk records (without vectors) and sources per file."""
+    from trtrag_cli.corpus.chunking import chunk_documents
+    from trtrag_cli.corpus.loaders import load_documents
+    from trtrag_cli.index.chunks import ChunkRecord
+
+    docs, file_of, sources = [], {}, {}
+    for entry in entries:
+        loaded = load_documents(entry, report)
+        sources[entry.key] = [d.source for d in loaded]
+        file_of.update((d.source, entry.key) for d in loaded)
+        docs.extend(loaded)
+    # One call for all files, so the tokenizer batches across many small files.
+    chunks = chunk_documents(docs, tokenizer, recipe.chunking.max_tokens, recipe.chunking.overlap)
+    records = [ChunkRecord(id=ch.id, source=ch.source, file=file_of[ch.source], ordinal=ch.ordinal,
+                           title=ch.title, text=ch.text, hash=_hash(index_text(ch.title, ch.text)))
+               for ch in chunks]
+    return records, sources
+
+
+def _hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = None) -> dict:
+    """Index the given corpus paths into the recipe's workspace and return a report."""
+    from trtrag_cli.corpus.loaders import scan
+    from trtrag_cli.index.bm25 import LexicalIndex
+    from trtrag_cli.index.chunks import ChunkStore
+
+    ws = Workspace(recipe.workspace_dir())
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    entries, report = scan([Path(p) for p in paths], tuple(recipe.corpus.extensions),
+                           int(recipe.corpus.max_file_mb * 1024 * 1024))
+    with ws.lock(), open_recipe_encoder(recipe, ws) as encoder:
+        prev_gen, prev_store, prev_files = _previous(ws, recipe, encoder.name, notes)
+        current = {e.key: e for e in entries}
+        unchanged = {k for k, e in current.items() if prev_files.get(k, {}).get("sha256") == e.sha256}
+        changed = [e for k, e in current.items() if k in prev_files and k not in unchanged]
+        added = [e for k, e in current.items() if k not in prev_files]
+        removed = [k for k in prev_files if k not in current]
+
+        tokenizer = chunk_tokenizer(recipe)
+        # Ids of unchanged files count as taken, so a new file cannot silently reuse one.
+        report.seen_sources.update(src for k in unchanged for src in prev_files[k].get("sources", []))
+        new_records, new_sources = _chunk_new_files(changed + added, report, recipe, tokenizer)
+        # A file that yielded no document (undecodable, empty) is skipped and counted by the loader, not
+        # recorded, so the next run looks at it again.
+        changed = [e for e in changed if new_sources.get(e.key)]
+        added = [e for e in added if new_sources.get(e.key)]
+        if not current:
+            raise TrtragError("the corpus has no indexable documents", "add .txt, .md, .html or .jsonl files")
+
+        kept_rows = [] if prev_store is None else [
+            i for i, r in enumerate(prev_store.records) if r.file in unchanged]
+        # Vectors of identical chunk texts are reused, so an edit re-embeds only the chunks it touched.
+        known = {} if prev_store is None else {r.hash: i for i, r in enumerate(prev_store.records)}
+        todo = [i for i, r in enumerate(new_records) if r.hash not in known]
+        dim = encoder.dim
+        new_vectors = np.zeros((len(new_records), dim), dtype=np.float32)
+        for i, r in enumerate(new_records):
+            if r.hash in known:
+                new_vectors[i] = prev_store.vectors[known[r.hash]]
+        t_embed = time.perf_counter()
+        if todo:
+            texts = [index_text(new_records[i].title, new_records[i].text) for i in todo]
+            cb = (lambda n: progress("embed", n, len(texts))) if progress else None
+            new_vectors[todo] = encoder.encode(texts, batch_size=recipe.encoder.batch_size, progress=cb)
+        embed_s = time.perf_counter() - t_embed
+
+        records = [prev_store.records[i] for i in kept_rows] + new_records
+        vectors = np.concatenate([prev_store.vectors[kept_rows] if kept_rows else np.zeros((0, dim), np.float32),
+                                  new_vectors])
+        store = ChunkStore(records, vectors)
+        if not len(store):
+            raise TrtragError("the corpus produced no text to index", "check that the files are not empty")
+
+        if progress:
+            progress("index", 0, 1)
+        vindex = _update_vectors(recipe, dim, prev_gen, prev_store, kept_rows, store, len(new_records))
+        lexical = LexicalIndex(recipe.lexical)
+        lexical.build([index_text(r.title, r.text) for r in store.records])
+        if progress:
+            progress("index", 1, 1)
+
+        files = {k: prev_files[k] for k in unchanged}
+        for e in changed + added:
+            files[e.key] = {"sha256": e.sha256, "size": e.size, "sources": new_sources.get(e.key, [])}
+        counts = {"files_added": len(added), "files_changed": len(changed), "files_removed": len(removed),
+                  "files_unchanged": len(unchanged), "chunks_total": len(store), "chunks_new": len(new_records),
+                  "chunks_embedded": len(todo), "chunks_dropped": (0 if prev_store is None else
+                                                                   len(prev_store) - len(kept_rows))}
+        manifest = {
+            "layout": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name,
+            "encoder": {"name": encoder.name, "dim": dim, "model": recipe.encoder.model,
+                        "max_tokens": encoder.max_tokens},
+            "chunking": asdict(recipe.chunking), "index": asdict(recipe.index), "lexical": asdict(recipe.lexical),
+            "versions": library_versions(), "counts": counts, "files": files,
+        }
+        with ws.new_generation() as gen:
+            store.save(gen)
+            vindex.save(gen / "vectors.faiss")
+            lexical.save(gen / "bm25")
+            (gen / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+            write_json(gen / MANIFEST, manifest)
+    total_s = time.perf_counter() - t0
+    docs = sum(len(new_sources.get(e.key, [])) for e in changed + added)
+    return {
+        "workspace": str(ws.root), "counts": counts, "skipped": dict(report.skipped),
+        "warnings": list(report.warnings), "notes": notes, "files_seen": report.files_seen,
+        "seconds": round(total_s, 3), "embed_seconds": round(embed_s, 3),
+        "embed_chunks_per_s": round(len(todo) / embed_s, 1) if todo and embed_s > 0 else None,
+        "documents_indexed": docs, "docs_per_s": round(docs / total_s, 1) if docs else None,
+        "encoder": encoder.name,
+    }
+
+
+def _update_vectors(recipe: Recipe, dim: int, prev_gen, prev_store, kept_rows, store, n_new: int):
+    """Update the previous faiss index in place (delete + add) when possible, else build anew."""
+    from trtrag_cli.index.vectors import BUILD_FIELDS, VectorIndex
+
+    def shape(cfg: dict) -> dict:  # the settings that change what is built; search-time ones do not
+        return {k: cfg.get(k) for k in BUILD_FIELDS}
+
+    same_cfg = prev_gen is not None and shape(load_manifest(prev_gen).get("index") or {}) == shape(asdict(recipe.index))
+    vindex = None
+    if same_cfg and recipe.index.kind != "hnsw" and (prev_gen / "vectors.faiss").is_file():
+        vindex = VectorIndex.load(prev_gen / "vectors.faiss", recipe.index, dim, device=False)
+    if vindex is not None and vindex.supports_remove():
+        kept = np.zeros(len(prev_store), dtype=bool)
+        kept[kept_rows] = True
+        if (~kept).any():
+            vindex.remove(prev_store.ids[~kept])
+        if n_new:
+            vindex.add(store.vectors[-n_new:], store.ids[-n_new:])
+        return vindex
+    vindex = VectorIndex(recipe.index, dim)
+    vindex.build(store.vectors, store.ids)
+    return vindex

@@ -1,0 +1,134 @@
+"""Two-stage retrieval: ANN recall of top-N candidates, then rerank or fusion down to top-k.
+
+Stage 1 takes the dense top-N from faiss and, for modes that use words, the BM25 top-N over the whole
+corpus. Stage 2 scores the union exactly: `dense` (cosine), `bm25`, `rrf` (reciprocal rank fusion) or
+`hybrid` (a weighted sum of per-query normalised dense and BM25 scores).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trtrag_cli.recipe.schema import Recipe
+from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.workspace import Workspace
+
+MODES = ("hybrid", "rrf", "bm25", "dense")
+
+
+@dataclass
+class Ranking:
+    """Candidate rows best first, their fused scores, and per-stage timings in ms."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def top_indices(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n largest scores, best first."""
+    n = min(n, len(scores))
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    part = np.argpartition(-scores, n - 1)[:n]
+    return part[np.argsort(-scores[part], kind="stable")]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """Min-max over the candidate set, so dense and BM25 scores share a scale per query."""
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def fuse(mode: str, dense_rows: np.ndarray, lex_scores: np.ndarray | None, query_vec: np.ndarray,
+         vectors: np.ndarray, top_n: int, rrf_k: int, dense_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2: order candidate rows by the mode's score; returns (rows, scores), best first."""
+    if mode == "dense":
+        rows = dense_rows
+        return rows, vectors[rows] @ query_vec
+    lex_rows = top_indices(lex_scores, top_n)
+    lex_rows = lex_rows[lex_scores[lex_rows] > 0]
+    if mode == "bm25":
+        return lex_rows, lex_scores[lex_rows]
+    cand = np.unique(np.concatenate([dense_rows, lex_rows]))
+    if mode == "rrf":
+        rank_d = {r: i for i, r in enumerate(dense_rows.tolist())}
+        rank_l = {r: i for i, r in enumerate(lex_rows.tolist())}
+        fused = np.array([(1.0 / (rrf_k + 1 + rank_d[r]) if r in rank_d else 0.0)
+                          + (1.0 / (rrf_k + 1 + rank_l[r]) if r in rank_l else 0.0) for r in cand.tolist()])
+    else:
+        dense = vectors[cand] @ query_vec
+        fused = dense_weight * _normalise(dense) + (1.0 - dense_weight) * _normalise(lex_scores[cand])
+    order = np.argsort(-fused, kind="stable")
+    return cand[order], fused[order]
+
+
+class Retriever:
+    """Holds the encoder, the vector index, the BM25 index and the chunk store of one workspace."""
+
+    def __init__(self, recipe: Recipe, encoder=None):
+        from trtrag_cli.encode.artifacts import open_recipe_encoder
+        from trtrag_cli.index.bm25 import LexicalIndex
+        from trtrag_cli.index.build import load_manifest
+        from trtrag_cli.index.chunks import ChunkStore
+        from trtrag_cli.index.vectors import VectorIndex
+
+        self.recipe = recipe
+        ws = Workspace(recipe.workspace_dir())
+        gen = ws.require_index()
+        self.manifest = load_manifest(gen)
+        self.encoder = encoder or open_recipe_encoder(recipe, ws)
+        self._owns_encoder = encoder is None
+        built_with, query_encoder = self.manifest["encoder"]["name"], self.encoder.name
+        if built_with != query_encoder:
+            self.close()
+            raise TrtragError(f"the index was built with encoder '{built_with}' but queries would be encoded "
+                              f"by '{query_encoder}'",
+                              f"re-index with this recipe: trtrag index <corpus> --recipe {recipe.source}")
+        self.store = ChunkStore.load(gen)
+        self.vindex = VectorIndex.load(gen / "vectors.faiss", recipe.index, self.manifest["encoder"]["dim"])
+        self.lexical = LexicalIndex.load(gen / "bm25", recipe.lexical)
+        self.generation = Path(gen)
+
+    def __enter__(self) -> "Retriever":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the encoder session if this retriever opened it."""
+        if self._owns_encoder and self.encoder is not None:
+            self.encoder.close()
+            self.encoder = None
+
+    def encode(self, questions: list[str]) -> np.ndarray:
+        """Query vectors, one row per question."""
+        return self.encoder.encode(questions, batch_size=max(1, len(questions)))
+
+    def rank(self, question: str, mode: str | None = None, query_vec: np.ndarray | None = None) -> Ranking:
+        """Run both stages for one question; pass query_vec to skip encoding (eval re-uses it)."""
+        cfg = self.recipe.retrieve
+        mode = mode or cfg.mode
+        if mode not in MODES:
+            raise TrtragError(f"unknown retrieval mode '{mode}'", "use one of: " + ", ".join(MODES))
+        t0 = time.perf_counter()
+        if query_vec is None:
+            query_vec = self.encode([question])[0]
+        t1 = time.perf_counter()
+        dense_rows = np.zeros(0, dtype=np.int64)
+        if mode != "bm25":
+            _, ids = self.vindex.search(query_vec, cfg.top_n)
+            dense_rows = self.store.rows_of(ids[0])
+            dense_rows = dense_rows[dense_rows >= 0]
+        lex = self.lexical.scores(question) if mode != "dense" else None
+        t2 = time.perf_counter()
+        rows, scores = fuse(mode, dense_rows, lex, query_vec, self.store.vectors, cfg.top_n, cfg.rrf_k,
+                            cfg.dense_weight)
+        t3 = time.perf_counter()
+        timings = {"encode": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3}
+        return Ranking(rows, scores, timings)
