@@ -75,3 +75,19 @@ class Cli:
 @pytest.fixture
 def cli() -> Cli:
     return Cli()
+
+
+GPU_WORDS = ("GPU", "CUDA", "cuda")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that skips for want of a GPU must carry the `gpu` marker, so `make test-gpu` runs it."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or item.get_closest_marker("gpu"):
+        return
+    reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if any(word in reason for word in GPU_WORDS) and "has a GPU" not in reason:
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} skips for want of a GPU ({reason}) but has no `gpu` marker"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from trtrag_cli.bench.run import SCHEMA, clustered, exact_truth, recall_at
-from trtrag_cli.util.timing import percentiles
+from trtrag_cli.util.timing import ms_percentiles as percentiles
 
 
 def test_synthetic_bench_reports_every_engine_stage_and_recall(cli, make_recipe, tmp_path):

@@ -17,7 +17,7 @@ HEAVY = ("torch", "onnxruntime", "faiss", "transformers", "sentence_transformers
 def test_help_imports_no_heavy_library():
     code = (
         "import sys\n"
-        "from trtrag_cli.cli import app\n"
+        "from trtrag_cli.cli.app import app\n"
         "for args in (['--help'], ['index', '--help'], ['ask', '--help'], ['eval', '--help'], ['doctor', '--help']):\n"
         "    try:\n"
         "        app(args)\n"
@@ -206,7 +206,7 @@ def test_failed_index_run_leaves_previous_generation(cli, make_recipe, corpus_co
     before = _current(recipe)
     (corpus_copy / "new.txt").write_text("A brand new document about gateways.")
 
-    import trtrag_cli.lexical as lexical
+    import trtrag_cli.index.bm25 as lexical
 
     def boom(self, texts):
         raise RuntimeError("disk full")

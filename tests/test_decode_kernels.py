@@ -113,6 +113,7 @@ def test_ordered_tiles_never_split_k(dk):
     assert dk._tile(4096, 14336, True, False, ordered=True)[3] == 1     # a shape TILES does not list
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the interpreter runs programs one by one, in order")
 def test_ordered_matvec_repeats_bit_for_bit(dk):
     """With K splits the residual's atomic adds land in whatever order the programs finish; ordered, every run

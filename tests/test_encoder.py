@@ -214,7 +214,7 @@ def test_max_tokens_out_of_range(cache_root):
 
 
 def test_import_is_light():
-    code = ("import sys, trtrag_cli.encoders, trtrag_cli.encoders.onnxruntime, trtrag_cli.encoders.models;"
+    code = ("import sys, trtrag_cli.encode.registry, trtrag_cli.encode.onnxruntime, trtrag_cli.encode.models;"
             "heavy = {'torch', 'onnxruntime', 'onnx', 'transformers', 'sentence_transformers', 'numpy'};"
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -223,7 +223,7 @@ def test_import_is_light():
 
 
 def test_auto_picks_torch_only_with_a_gpu_and_a_precision_it_has(monkeypatch):
-    import trtrag_cli.encoders as encoders
+    import trtrag_cli.encode.registry as encoders
 
     from trtrag_cli.encode.registry import resolve_backend
 

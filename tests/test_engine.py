@@ -194,6 +194,7 @@ needs_trt = pytest.mark.skipif(not deps.available("tensorrt"),
                                reason="TensorRT is not installed (it cannot be installed in this workplace)")
 
 
+@pytest.mark.gpu
 @pytest.mark.tensorrt
 @needs_trt
 def test_tensorrt_int8_plan_matches_fp32(chain, cli):

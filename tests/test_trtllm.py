@@ -59,7 +59,7 @@ def test_without_tensorrt_llm_the_error_names_the_install(tmp_path):
 
 
 def test_import_is_light():
-    code = ("import sys, trtrag_cli.generators.trtllm;"
+    code = ("import sys, trtrag_cli.generate.trtllm;"
             "print(sorted({'tensorrt_llm', 'torch', 'transformers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
@@ -123,6 +123,7 @@ def _prompt(backend, question: str = "How long is the warranty?"):
     return build_prompt(backend.tokenizer, question, passages, backend.context, 32)
 
 
+@pytest.mark.gpu
 @pytest.mark.tensorrt_llm
 def test_seeded_sampling_repeats(backend):
     prompt = _prompt(backend)
@@ -132,6 +133,7 @@ def test_seeded_sampling_repeats(backend):
     assert first.prompt_tokens == len(prompt.ids)
 
 
+@pytest.mark.gpu
 @pytest.mark.tensorrt_llm
 def test_greedy_streaming_joins_to_the_generated_text(backend):
     prompt = _prompt(backend)
@@ -141,6 +143,7 @@ def test_greedy_streaming_joins_to_the_generated_text(backend):
     assert generated.total_ms > 0 and generated.finish in ("stop", "length")
 
 
+@pytest.mark.gpu
 @pytest.mark.tensorrt_llm
 def test_a_batch_comes_back_in_prompt_order(backend):
     prompts = [_prompt(backend, q) for q in ("Where do orders ship from?", "Warranty?", "What about VX sensors?")]
@@ -149,6 +152,7 @@ def test_a_batch_comes_back_in_prompt_order(backend):
     assert len({len(p.ids) for p in prompts}) == 3
 
 
+@pytest.mark.gpu
 @pytest.mark.tensorrt_llm
 def test_stop_sequences_end_the_text_in_both_modes(backend):
     prompt = _prompt(backend)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trtrag_cli.recipe.schema import Recipe
 from trtrag_cli.util.errors import TrtragError
 
 if TYPE_CHECKING:
+    from trtrag_cli.recipe.schema import Recipe
     from tokenizers import Tokenizer
 
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trtrag_cli.encode.batching import pad
 from trtrag_cli.encode.models import ModelInfo, load_tokenizer, model_info
 from trtrag_cli.util import deps
 from trtrag_cli.util.errors import TrtragError
@@ -169,6 +168,8 @@ def _sample_batch(info: ModelInfo):
     texts = ["Hello world.", "",
              "A longer sentence, so that the other rows of this batch are padded: " + "vectors " * 20]
     ids = [e.ids for e in load_tokenizer(info.dir, info.max_seq_length).encode_batch(texts)]
+    from trtrag_cli.encode.batching import pad
+
     return pad(ids, max(map(len, ids)))
 
 
@@ -412,6 +413,8 @@ class OrtEncoder:
 
     def _run(self, ids: list[list[int]], width: int) -> np.ndarray:
         import numpy as np
+
+        from trtrag_cli.encode.batching import pad
 
         input_ids, attention_mask = pad(ids, width)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask,

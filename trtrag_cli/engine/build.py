@@ -217,9 +217,9 @@ def _save_optimised(src: Path, dst: Path) -> None:
 
 
 def _build_tensorrt(recipe: Recipe, precision: str, out: Path, progress) -> dict:
-    from trtrag_cli.encode import tensorrt as trt_encoder
+    from trtrag_cli.engine import tensorrt as trt_plan
 
-    return trt_encoder.build(recipe, precision, out, progress)
+    return trt_plan.build(recipe, precision, out, progress)
 
 
 def _build_torch(recipe: Recipe, precision: str, out: Path, progress) -> dict:
