@@ -337,3 +337,10 @@ def test_gpu_watch_summarises_the_busiest_card_from_nvidia_smi(tmp_path, monkeyp
     with GpuWatch() as watch:
         pass
     assert watch.summary() == {}
+
+
+def test_eval_table_on_stdout_progress_on_stderr(cli, indexed):
+    recipe, _ = indexed
+    res = cli("eval", "--queries", ROOT / "examples" / "queries.jsonl", "--modes", "bm25,dense", "--recipe", recipe)
+    assert "R@10" in res.stdout and "MRR@10" in res.stdout and "bm25" in res.stdout
+    assert "R@10" not in res.stderr and "eval: 40/40 queries (100%)" in res.stderr

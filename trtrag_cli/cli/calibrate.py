@@ -43,9 +43,9 @@ def calibrate(queries: Optional[Path] = typer.Option(None, "--queries", "-q", he
                              + (f", recall@10 drop {g['recall@10_drop']:+.4f}" if "recall@10_drop" in g else ""))
                 return
             drift = "-" if event["drift"] is None else f"{event['drift']:.2%}"
-            progress.log(f"iteration {event['iteration']}: {event['queries']} queries, drift {drift}, "
+            progress.log(f"iteration {event['iteration']}/{total}: {event['queries']} queries, drift {drift}, "
                          f"{event['seconds']:.1f} s, peak RSS {event['peak_rss_mib']} MiB")
-            progress.update("calibrate", event["iteration"], total)
+            progress.update("calibrate", event["iteration"], total, plain=False)
 
         report = run_calibrate(cfg, queries, None, None, iterations, strict, eval_file, report_event)
     if as_json:

@@ -50,11 +50,16 @@ class Progress:
         if self._bar is not None:
             self._update_bar(phase, 0, None, self.clock())
 
-    def update(self, phase: str, done: int, total: int | None = None) -> None:
-        """Phase `phase` has done `done` of `total` units (total None: not known)."""
+    def update(self, phase: str, done: int, total: int | None = None, plain: bool = True) -> None:
+        """Phase `phase` has done `done` of `total` units (total None: not known).
+
+        plain=False: the bar only, for callers that log a line of their own at each step.
+        """
         now = self.clock()
         if self._bar is not None:
             self._update_bar(phase, done, total, now)
+            return
+        if not plain:
             return
         state = self._plain.get(phase)
         if state is None:
