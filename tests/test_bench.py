@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from trtrag_cli.bench.run import SCHEMA, clustered, exact_truth, recall_at
-from trtrag_cli.util.timing import ms_percentiles as percentiles
+from trtrag_cli.util.timing import ms_percentiles
 
 
 def test_synthetic_bench_reports_every_engine_stage_and_recall(cli, make_recipe, tmp_path):
@@ -71,5 +71,5 @@ def test_helpers_measure_what_they_say():
     assert recall_at(truth, truth) == 1.0
     assert recall_at(truth[:, ::-1], truth) == 1.0  # order inside the top 10 does not matter
     assert recall_at(np.roll(truth, 1, axis=0), truth) < 0.5
-    p = percentiles([0.001] * 98 + [0.010, 0.020])
+    p = ms_percentiles([0.001] * 98 + [0.010, 0.020])
     assert p["p50_ms"] == 1.0 and p["p99_ms"] > 9.0 and p["n"] == 100

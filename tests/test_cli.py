@@ -14,19 +14,27 @@ from conftest import EXAMPLES, ROOT, Cli
 HEAVY = ("torch", "onnxruntime", "faiss", "transformers", "sentence_transformers", "bm25s", "tensorrt")
 
 
-def test_help_imports_no_heavy_library():
+def test_help_and_version_of_every_command_import_no_heavy_library():
+    """-h, --help and --version on the app and on every registered command, in a fresh interpreter."""
     code = (
         "import sys\n"
+        "import typer\n"
         "from trtrag_cli.cli.app import app\n"
-        "for args in (['--help'], ['index', '--help'], ['ask', '--help'], ['eval', '--help'], ['doctor', '--help']):\n"
-        "    try:\n"
-        "        app(args)\n"
-        "    except SystemExit as e:\n"
-        "        assert e.code == 0, (args, e.code)\n"
+        "names = sorted(typer.main.get_command(app).commands)\n"
+        "for cmd in [[]] + [[n] for n in names]:\n"
+        "    for flag in ('-h', '--help', '--version'):\n"
+        "        try:\n"
+        "            app(cmd + [flag], prog_name='trtrag')\n"
+        "        except SystemExit as e:\n"
+        "            assert e.code == 0, (cmd, flag, e.code)\n"
+        "print(names)\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    names, heavy = out.stdout.strip().splitlines()[-2:]
+    assert heavy == "[]"
+    assert {"index", "calibrate", "build-engine", "ask", "serve", "eval", "bench", "doctor"} <= set(eval(names))
+    assert out.stdout.count("trtrag 0.1") >= 9 and "Usage: trtrag ask" in out.stdout
 
 
 def test_usage_error_exits_2(cli):
@@ -329,3 +337,10 @@ def test_gpu_watch_summarises_the_busiest_card_from_nvidia_smi(tmp_path, monkeyp
     with GpuWatch() as watch:
         pass
     assert watch.summary() == {}
+
+
+def test_eval_table_on_stdout_progress_on_stderr(cli, indexed):
+    recipe, _ = indexed
+    res = cli("eval", "--queries", ROOT / "examples" / "queries.jsonl", "--modes", "bm25,dense", "--recipe", recipe)
+    assert "R@10" in res.stdout and "MRR@10" in res.stdout and "bm25" in res.stdout
+    assert "R@10" not in res.stderr and "eval: 40/40 queries (100%)" in res.stderr

@@ -415,7 +415,8 @@ def _search_report(report, recipe, vectors, dim, batches, k, kinds, n_queries, s
         base, queries, encoder, source = _workspace_data(recipe, n_queries, queries_path)
         dim = base.shape[1]
     ids = np.arange(len(base), dtype=np.int64)  # row numbers: the rerank reads vectors by them
-    log(f"data: {source}")
+    log(f"data: {source['vectors']} x {source['dim']} ({source['kind']})"
+        + (f", made in {source['seconds']} s" if "seconds" in source else ""))
     cfg = recipe.index
     if vectors and kinds:
         # The recipe's nlist suits its corpus; synthetic scale gets faiss's rule of thumb, 4 * sqrt(N).

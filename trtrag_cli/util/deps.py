@@ -41,10 +41,15 @@ def require(name: str, purpose: str = "") -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as exc:
-        dist, extra = KNOWN.get(name, (name, None))
-        why = f" for {purpose}" if purpose else ""
-        fix = f"run: pip install 'trtrag[{extra}]'" if extra else f"run: pip install {dist}"
-        raise MissingDependency(f"{dist} is not installed{why}: {exc}", HINTS.get(name, fix)) from exc
+        raise missing(name, purpose, str(exc)) from exc
+
+
+def missing(name: str, purpose: str = "", detail: str = "") -> MissingDependency:
+    """The one-line error for an optional module that is not installed, naming what to install."""
+    dist, extra = KNOWN.get(name, (name, None))
+    why = f" for {purpose}" if purpose else ""
+    fix = f"run: pip install 'trtrag[{extra}]'" if extra else f"run: pip install {dist}"
+    return MissingDependency(f"{dist} is not installed{why}" + (f": {detail}" if detail else ""), HINTS.get(name, fix))
 
 
 def version(dist: str) -> str | None:

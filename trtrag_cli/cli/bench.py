@@ -1,0 +1,129 @@
+"""`trtrag bench`: search per engine and batch, the batch-1 retrieval stage, the generator; tables or JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from trtrag_cli.cli.common import (JsonOpt, RecipeOpt, SetOpt, at_least, command, console, emit_json, int_list,
+                                   load)
+from trtrag_cli.util.errors import TrtragError, UsageError
+
+INDEX_KINDS = ("ivf", "ivfpq", "hnsw", "flat")  # flat (exact search) is always measured: it is the truth
+
+
+@command
+def bench(vectors: int = typer.Option(0, "--vectors", "-n", help="Synthetic clustered vectors to search (0: the "
+                                      "workspace's index)."),
+          dim: int = typer.Option(0, "--dim", "-d", help="Dimension of the synthetic vectors."),
+          batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, e.g. 1,32,1000 (default: that on "
+                                              "a GPU, 1,32,256 on the CPU)."),
+          k: int = typer.Option(100, "--k", help="Neighbours per query (the candidates that go to the rerank)."),
+          kinds: str = typer.Option("ivf,ivfpq", "--kinds", help="Approximate indexes to measure against exact "
+                                    "search (ivf, ivfpq, hnsw; empty for none)."),
+          queries: Optional[Path] = typer.Option(None, "--queries", "-q", help="Question texts for the retrieval "
+                                                 "stage (default: calibrate.queries)."),
+          stage: bool = typer.Option(True, "--stage/--no-stage", help="Time encode + search + rerank at batch 1 "
+                                     "and under concurrent callers."),
+          clients: int = typer.Option(16, "--clients", help="Concurrent callers for the batched measurement."),
+          search: bool = typer.Option(True, "--search/--no-search", help="Measure retrieval (off: --generate only)."),
+          generate: bool = typer.Option(False, "--generate", help="Also time the recipe's answer generator: "
+                                        "TTFT per prompt length, decode tokens/s per batch size."),
+          prompt_lengths: str = typer.Option("512,1024,2048", "--prompt-lengths", help="Prompt tokens for TTFT."),
+          gen_batch: str = typer.Option("1,8", "--gen-batch", help="Batch sizes for the decode rate."),
+          new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens generated for the decode rate."),
+          reps: int = typer.Option(0, "--reps", help="Timed calls per measurement (0: 200 at batch 1, fewer for "
+                                   "larger batches, a quarter of that on the CPU; the stage: 1000 on a GPU, 200 on "
+                                   "the CPU)."),
+          plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the percentiles (matplotlib)."),
+          from_json: Optional[Path] = typer.Option(None, "--from-json", help="Plot or print a saved report instead "
+                                                   "of measuring."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON report to this file."),
+          recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
+          as_json: bool = JsonOpt) -> None:
+    """Measure retrieval: search per engine and batch, the batch-1 stage, recall@10, GPU memory."""
+    from trtrag_cli.bench.run import plot as draw
+    from trtrag_cli.bench.run import run_bench
+    from trtrag_cli.util.files import write_json
+
+    if from_json is not None:
+        try:
+            report = json.loads(Path(from_json).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise TrtragError(f"cannot read bench report {from_json}: {exc}", "pass a file written by --out") from None
+    else:
+        at_least("--vectors", vectors, 0, "0 measures the workspace's index")
+        at_least("--dim", dim, 0)
+        at_least("--k", k, 1)
+        at_least("--clients", clients, 1)
+        at_least("--reps", reps, 0, "0 picks a count per batch size")
+        at_least("--new-tokens", new_tokens, 1)
+        kind_list = tuple(x.strip() for x in kinds.split(",") if x.strip())
+        unknown = [x for x in kind_list if x not in INDEX_KINDS]
+        if unknown:
+            raise UsageError(f"unknown index kind(s) {', '.join(unknown)} in --kinds", "use ivf, ivfpq or hnsw")
+        gen = {"prompt_lengths": list(int_list("--prompt-lengths", prompt_lengths, example="512,1024")),
+               "batches": list(int_list("--gen-batch", gen_batch, example="1,8")), "new_tokens": new_tokens}
+        cfg = load(recipe, set_)
+        if batch is None:
+            from trtrag_cli.util.gpu import gpu_count, torch_gpu_count
+
+            batch = "1,32,1000" if gpu_count() or torch_gpu_count() else "1,32,256"
+        sizes = int_list("--batch", batch)
+        err = console(stderr=True)
+        report = run_bench(cfg, vectors, dim, sizes, k, tuple(x for x in kind_list if x != "flat"), stage=stage,
+                           clients=clients, queries_path=queries, reps=reps, search=search,
+                           generation=gen if generate else None,
+                           log=lambda m: err.print(m, markup=False, style="dim"))
+    if out is not None:
+        write_json(out, report)
+    if plot is not None:
+        draw(report, plot)
+    if as_json:
+        emit_json(report)
+        return
+    print_report(report)
+
+
+def print_report(report: dict) -> None:
+    """The bench report as tables on stdout: search, generation, retrieval stage."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out = console()
+    data, where = report.get("data", {}), report.get("machine", {})
+    if report.get("search"):
+        table = Table(title=Text(f"search: {data.get('vectors')} x {data.get('dim')} ({data.get('kind')}) on "
+                                 f"{where.get('cuda_device') or where.get('cpu')}"))
+        for col in ("engine", "batch", "P50 ms", "P90 ms", "P99 ms", "q/s", "R@10", "reranked", "GPU MiB"):
+            table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
+        for r in report["search"]:
+            table.add_row(Text(r["engine"]), str(r["batch"]), f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}",
+                          f"{r['p99_ms']:.3f}", f"{r['qps']:.0f}", f"{r['recall@10']:.3f}",
+                          f"{r['recall@10_reranked']:.3f}", str(r.get("gpu_memory_mib", "-")))
+        out.print(table)
+    gen = report.get("generation")
+    if gen:
+        table = Table(title=Text(f"generation: {gen['generator']}, {gen['new_tokens']} new tokens"))
+        for col in ("measure", "size", "value"):
+            table.add_column(col, justify="left" if col == "measure" else "right")
+        for n, v in gen["ttft_ms"].items():
+            table.add_row("TTFT ms", f"{n} tokens", str(v))
+        for b, v in gen["decode_tok_s"].items():
+            table.add_row("decode tok/s", f"batch {b}", str(v))
+        out.print(table)
+    stage = report.get("stage")
+    if stage:
+        table = Table(title=Text(f"retrieval stage, batch 1: {stage['encoder']} + {stage['search_engine']} "
+                                 f"(top {stage['top_n']} -> {stage['top_k']})"))
+        for col in ("stage", "P50 ms", "P90 ms", "P99 ms"):
+            table.add_column(col, justify="left" if col == "stage" else "right")
+        for name, v in stage["batch1"].items():
+            table.add_row(name, f"{v['p50_ms']:.3f}", f"{v['p90_ms']:.3f}", f"{v['p99_ms']:.3f}")
+        out.print(table)
+        c = stage["concurrent"]
+        out.print(f"{c['clients']} concurrent callers: {c['qps']:.0f} q/s, P50 {c['latency']['p50_ms']:.2f} ms, "
+                  f"P99 {c['latency']['p99_ms']:.2f} ms, mean batch {c['mean_batch']}", markup=False)
