@@ -14,10 +14,12 @@ from typing import Callable, List, Optional
 
 import typer
 
+from trtrag_cli.cli.recipe_cmd import app as recipe_app
 from trtrag_cli.util.errors import TrtragError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build and run a fast retrieval-augmented generation service from one YAML recipe.")
+app.add_typer(recipe_app, name="recipe")
 
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe YAML (default: recipes/default.yaml).")
 SetOpt = typer.Option(None, "--set", help="Override a recipe value, e.g. --set retrieve.top_k=10 (repeatable).")
@@ -295,7 +297,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
           recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Serve /ask and an OpenAI-compatible /v1/chat/completions over HTTP until interrupted."""
     from trtrag_cli.generate.base import SamplingParams
-    from trtrag_cli.generate.registry import model_context, open_backend
+    from trtrag_cli.generate.registry import model_context, open_backend, served_name
     from trtrag_cli.serve.server import Service, make_server
 
     cfg = _recipe(recipe, set_)
@@ -305,12 +307,12 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
 
         pipeline = Pipeline(cfg)
     backend = None
-    if cfg.answer.generator != "extractive" or generate_only:  # open_backend refuses extractive
+    if cfg.answer.generator.backend != "extractive" or generate_only:  # open_backend refuses extractive
         backend = getattr(getattr(pipeline, "generator", None), "backend", None) if pipeline else None
-        backend = backend or open_backend(cfg.answer)
-        model_context(backend, cfg.answer)
-    service = Service(pipeline, backend, model_name=cfg.answer.served_model or Path(cfg.answer.model or "trtrag").name,
-                      defaults=SamplingParams.from_recipe(cfg.answer))
+        backend = backend or open_backend(cfg.answer.generator)
+        model_context(backend, cfg.answer.generator)
+    service = Service(pipeline, backend, model_name=Path(served_name(cfg.answer.generator)).name,
+                      defaults=SamplingParams.from_recipe(cfg.answer.sampling))
     server = make_server(service, host, port)
     bound = server.server_address
     _console().print(f"serving on http://{bound[0]}:{bound[1]} (ask: {pipeline is not None}, "
