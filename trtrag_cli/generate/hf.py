@@ -31,7 +31,7 @@ class TransformersBackend:
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", compile: bool = False,
                  static_cache: bool | None = None, decode: str = "auto", kernels: bool = True,
-                 deterministic: bool = False, pack_weights: bool = True):
+                 deterministic: bool = True, pack_weights: bool = False):
         torch = deps.require("torch", "the transformers generator")
         transformers = deps.require("transformers", "the transformers generator")
         check_causal_lm(model)
@@ -62,7 +62,7 @@ class TransformersBackend:
         return self
 
     def _attach(self, model, tokenizer, device, static_cache: bool | None, decode: str, compile: bool,
-                kernels: bool, deterministic: bool, pack_weights: bool = True) -> None:
+                kernels: bool, deterministic: bool, pack_weights: bool = False) -> None:
         """Everything around a loaded model: left padding, context, KV cache, which decode loop, compilation."""
         torch = self._torch = deps.require("torch", "the transformers generator")
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -231,7 +231,7 @@ def wants_fast_decoder(decode: str, on_gpu: bool) -> bool:
 
 
 def _fast_decoder(model, device, decode: str, compile: bool = False, kernels: bool = True,
-                  deterministic: bool = False, pack_weights: bool = True):
+                  deterministic: bool = True, pack_weights: bool = False):
     """graph_decode.GraphDecoder for this model when the recipe's answer.generator.decode allows it, else None."""
     if not wants_fast_decoder(decode, device.type == "cuda"):
         return None

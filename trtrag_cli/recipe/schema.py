@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
 
 from trtrag_cli.recipe.sections import (  # noqa: F401  (re-exported: callers import sections from here)
-    GENERATOR_BACKENDS, AnswerConfig, CalibrateConfig, ChunkingConfig, CorpusConfig, EncoderConfig,
+    ENCODER_PRECISIONS, GENERATOR_BACKENDS, AnswerConfig, CalibrateConfig, ChunkingConfig, CorpusConfig, EncoderConfig,
     EngineConfig, ExtractiveGenerator, IndexConfig, LexicalConfig, OpenAIGenerator, RetrieveConfig, Sampling,
     Section, TensorRTLLMGenerator, TransformersGenerator,
 )
