@@ -243,7 +243,9 @@ def test_doctor_reports_whether_the_int8_engine_is_usable(built, cli, make_recip
     assert not enc["ok"] and "trtrag build-engine --int8" in enc["engine"]["status"]
     rep = cli.json("doctor", "--recipe", built["recipe"], "--set", "encoder.precision=int8")
     enc = rep["stages"]["encoder"]
-    assert enc["ok"] and enc["engine"]["gate"]["mean_cosine"] >= 0.99
+    assert enc["engine"]["ok"] and enc["engine"]["gate"]["mean_cosine"] >= 0.99
+    # The engine is usable, but this workspace's index is FP32: asking for INT8 explicitly is a mismatch.
+    assert not enc["ok"] and "asks for encoder.precision int8" in enc["why"]
 
 
 def test_recall_gate_skips_eval_queries_of_another_corpus(chain, tmp_path):
