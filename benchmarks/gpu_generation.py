@@ -8,10 +8,10 @@ and 8 (128 new tokens after a 1024-token prompt, minus that prompt's TTFT), per 
   kernels         our decode loop (generators/graph_decode.py), CUDA graphs, its Triton decode kernels
                   (generators/decode_kernels.py) over 12-bit packed matrices and the compiled prefill: what a
                   recipe runs by default
-  kernels_unpacked  the same reading the bf16 matrices themselves (answer.pack_weights: false)
-  graph           our decode loop with torch layer functions, eager (answer.compile: false, kernels: false)
-  graph_compiled  the same with its layer functions compiled (answer.compile: true, kernels: false)
-  static          transformers' generate with its static cache (answer.decode: transformers)
+  kernels_unpacked  the same reading the bf16 matrices themselves (answer.generator.pack_weights: false)
+  graph           our decode loop with torch layer functions, eager (answer.generator.compile: false, kernels: false)
+  graph_compiled  the same with its layer functions compiled (answer.generator.compile: true, kernels: false)
+  static          transformers' generate with its static cache (answer.generator.decode: transformers)
   dynamic         transformers' generate with its default dynamic cache
 Run it in the same device call as ../shared/device/baselines/llm_baseline.py.
 

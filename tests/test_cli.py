@@ -105,6 +105,31 @@ def test_doctor_reports_stages(cli, indexed):
     assert rep["libraries"]["numpy"]
 
 
+def test_later_commands_follow_the_encoder_the_index_records(cli, indexed):
+    """The index's manifest records its encoder's backend and precision. A recipe that leaves them open
+    (backend auto, no precision) queries with them; one that names another gets one line saying how to
+    query this index or rebuild it. (tests/test_engine.py follows an INT8 index the same way.)"""
+    from trtrag_cli.recipe.schema import load_recipe
+    from trtrag_cli.util.workspace import Workspace
+
+    recipe, _ = indexed
+    gen = Workspace(load_recipe(recipe).workspace_dir()).current_index()
+    built = json.loads((gen / "manifest.json").read_text())["encoder"]
+    assert (built["backend"], built["precision"]) == ("onnxruntime", "fp32")
+    doctor = cli.json("doctor", "--recipe", recipe)["stages"]["encoder"]
+    assert "encoder follows the index: backend onnxruntime, precision fp32" in doctor["why"] and doctor["ok"]
+    err = _one_line_error(cli("ask", "TH-50 warranty?", "--recipe", recipe, "--set", "encoder.precision=int8",
+                              ok=False))
+    assert "was built with the onnxruntime fp32 encoder, but the recipe asks for encoder.precision int8" in err
+    assert "remove encoder.precision from the recipe" in err
+    assert f"trtrag index <corpus> --recipe {recipe} --set encoder.precision=int8" in err
+    err = _one_line_error(cli("eval", "--queries", ROOT / "examples" / "queries.jsonl", "--recipe", recipe,
+                              "--set", "encoder.backend=torch", ok=False))
+    assert "asks for encoder.backend torch" in err
+    doctor = cli.json("doctor", "--recipe", recipe, "--set", "encoder.precision=int8")["stages"]["encoder"]
+    assert not doctor["ok"] and "asks for encoder.precision int8" in doctor["why"]
+
+
 def _current(recipe: Path) -> str:
     ws = Path(yaml.safe_load(recipe.read_text())["workspace"]) / yaml.safe_load(recipe.read_text())["name"]
     return (ws / "index" / "CURRENT").read_text()
@@ -280,7 +305,8 @@ def test_doctor_advice_follows_the_designs_sizing_rules(tmp_path):
     (model / "config.json").write_text(_json.dumps({"hidden_size": 8192, "num_hidden_layers": 80,
                                                     "num_attention_heads": 64, "num_key_value_heads": 8,
                                                     "intermediate_size": 28672, "vocab_size": 128256}))
-    fake = SimpleNamespace(answer=SimpleNamespace(model=str(model)), encoder=recipe.encoder, index=recipe.index)
+    fake = SimpleNamespace(answer=SimpleNamespace(generator=SimpleNamespace(model=str(model))), encoder=recipe.encoder,
+                           index=recipe.index)
     assert 65e9 < generator_params(fake) < 72e9
     assert any("tensor parallelism" in w for w in hardware_advice(fake, big))
     hnsw = load_recipe(None, ["index.kind=hnsw", "index.device=auto"])
@@ -293,15 +319,16 @@ def test_doctor_names_the_decode_path_a_gpu_would_take():
     from trtrag_cli.util.deps import available
 
     h200 = [{"name": "H200", "memory_mib": 143771, "driver": "x", "compute_capability": "9.0"}]
-    recipe = load_recipe(None, ["answer.generator=transformers"])
+    lm = ["answer.generator.backend=transformers", "answer.generator.model=m"]
+    recipe = load_recipe(None, lm)
     assert "transformers' generate" in generator_stage(recipe, [])["why"]          # no GPU
     on_gpu = generator_stage(recipe, h200)["why"]
     assert ("Triton decode kernels" if available("triton") else "triton is not installed") in on_gpu
-    off = load_recipe(None, ["answer.generator=transformers", "answer.kernels=false"])
-    assert "answer.kernels is false" in generator_stage(off, h200)["why"]
-    plain = load_recipe(None, ["answer.generator=transformers", "answer.decode=transformers"])
+    off = load_recipe(None, lm + ["answer.generator.kernels=false"])
+    assert "answer.generator.kernels is false" in generator_stage(off, h200)["why"]
+    plain = load_recipe(None, lm + ["answer.generator.decode=transformers"])
     assert "static cache" in generator_stage(plain, h200)["why"]
-    assert generator_stage(load_recipe(None, []), h200)["why"] == "answer.generator in the recipe"   # extractive
+    assert generator_stage(load_recipe(None, []), h200)["why"] == "answer.generator.backend in the recipe"   # extractive
 
 
 def test_gpu_watch_summarises_the_busiest_card_from_nvidia_smi(tmp_path, monkeypatch):

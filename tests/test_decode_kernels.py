@@ -107,7 +107,7 @@ def test_matvec_embeds_the_token_and_writes_the_greedy_one(dk, dtype, tile):
 
 
 def test_ordered_tiles_never_split_k(dk):
-    """answer.deterministic: the narrow matrices' K is split over programs that add atomically, unless ordered."""
+    """answer.generator.deterministic: the narrow matrices' K is split over programs that add atomically, unless ordered."""
     assert dk._tile(5120, 13824, True, False)[3] > 1                    # down in the Llama-2-13B step
     assert dk._tile(5120, 13824, True, False, ordered=True)[3] == 1
     assert dk._tile(4096, 14336, True, False, ordered=True)[3] == 1     # a shape TILES does not list

@@ -112,9 +112,24 @@ def test_int8_index_then_ask(chain, cli):
     assert rep["encoder"].startswith("onnxruntime-int8-")
     res = cli.json("ask", QUESTION, "--recipe", chain["recipe"], "--set", "encoder.precision=int8")
     assert res["passages"][0]["source"] == "policies/warranty-th-pg-series.md"
-    # The FP32 encoder may not query the INT8 index.
-    err = _one_line_error(cli("ask", QUESTION, "--recipe", chain["recipe"], ok=False))
-    assert "onnxruntime-int8-" in err and "onnxruntime-fp32" in err and "trtrag index" in err
+    # A plain ask (the recipe leaves encoder.precision out) follows the index's INT8 encoder, and so do
+    # eval and doctor.
+    plain = cli.json("ask", QUESTION, "--recipe", chain["recipe"])
+    assert plain["passages"] == res["passages"]
+    rep = cli.json("eval", "--queries", ROOT / "examples" / "queries.jsonl", "--recipe", chain["recipe"])
+    assert rep["encoder"].startswith("onnxruntime-int8-")
+    enc = cli.json("doctor", "--recipe", chain["recipe"])["stages"]["encoder"]
+    assert enc["precision"] == "int8" and enc["ok"] and "follows the index: backend onnxruntime, precision int8" \
+        in enc["why"]
+    # Asking for FP32 explicitly is a real mismatch: one line, and the re-index it suggests works.
+    err = _one_line_error(cli("ask", QUESTION, "--recipe", chain["recipe"], "--set", "encoder.precision=fp32",
+                              ok=False))
+    assert "built with the onnxruntime int8 encoder, but the recipe asks for encoder.precision fp32" in err
+    command = err.split("re-index: ")[1].split()
+    assert command[:2] == ["trtrag", "index"] and command[3:] == ["--recipe", str(chain["recipe"]), "--set",
+                                                                  "encoder.precision=fp32"]
+    cli.json("index", chain["corpus"], *command[3:])
+    assert cli.json("ask", QUESTION, "--recipe", chain["recipe"], "--set", "encoder.precision=fp32")["passages"]
 
 
 def test_int8_without_an_engine_says_how_to_build_one(cli, make_recipe, corpus_copy):
@@ -229,7 +244,9 @@ def test_doctor_reports_whether_the_int8_engine_is_usable(built, cli, make_recip
     assert not enc["ok"] and "trtrag build-engine --int8" in enc["engine"]["status"]
     rep = cli.json("doctor", "--recipe", built["recipe"], "--set", "encoder.precision=int8")
     enc = rep["stages"]["encoder"]
-    assert enc["ok"] and enc["engine"]["gate"]["mean_cosine"] >= 0.99
+    assert enc["engine"]["ok"] and enc["engine"]["gate"]["mean_cosine"] >= 0.99
+    # The engine is usable, but this workspace's index is FP32: asking for INT8 explicitly is a mismatch.
+    assert not enc["ok"] and "asks for encoder.precision int8" in enc["why"]
 
 
 def test_recall_gate_skips_eval_queries_of_another_corpus(chain, tmp_path):

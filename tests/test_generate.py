@@ -260,7 +260,8 @@ def test_nodes_down_or_silent_fail_fast_with_a_clear_error(tiny_lm, backend):
 # ------------------------------------------------------------------------------------ through ask
 
 def test_ask_with_a_language_model_streams_reports_tokens_and_falls_back(cli, make_recipe, corpus_copy, tiny_lm):
-    answer = {"generator": "transformers", "model": str(tiny_lm), "max_new_tokens": 16, "device": "cpu"}
+    answer = {"generator": {"backend": "transformers", "model": str(tiny_lm), "device": "cpu"},
+              "sampling": {"max_new_tokens": 16}}
     recipe = make_recipe(answer=answer)
     cli("index", corpus_copy, "--recipe", recipe)
     rep = cli.json("ask", "Can I get an advance replacement for a faulty TH-50 sensor?", "--recipe", recipe)
@@ -274,8 +275,8 @@ def test_ask_with_a_language_model_streams_reports_tokens_and_falls_back(cli, ma
     streamed = cli("ask", "Can I get an advance replacement for a faulty TH-50 sensor?", "--stream",
                    "--recipe", recipe)
     assert rep["answer"] in streamed.stdout  # greedy: the streamed text is the same answer
-    dead = make_recipe(name="dead", answer={"generator": "openai", "model": str(tiny_lm), "timeout_s": 2,
-                                            "base_urls": [f"http://127.0.0.1:{_free_port()}/v1"]})
+    dead = make_recipe(name="dead", answer={"generator": {"backend": "openai", "model": str(tiny_lm), "timeout_s": 2,
+                                                          "base_urls": [f"http://127.0.0.1:{_free_port()}/v1"]}})
     cli("index", corpus_copy, "--recipe", dead)
     out = cli("ask", "TH-50 replacement?", "--recipe", dead, ok=False)
     assert "no generation node answered" in out.output and "answer.fallback: extractive" in out.output
@@ -286,20 +287,20 @@ def test_ask_with_a_language_model_streams_reports_tokens_and_falls_back(cli, ma
 
 def test_build_engine_prepares_the_generator(cli, make_recipe, tiny_lm, node):
     rep = cli.json("build-engine", "--generator", "--recipe", make_recipe(
-        answer={"generator": "transformers", "model": str(tiny_lm), "device": "cpu"}))
+        answer={"generator": {"backend": "transformers", "model": str(tiny_lm), "device": "cpu"}}))
     assert rep["context"] == 512 and [w["prompt_tokens"] for w in rep["warm_up"]] == [128, 496]
     assert all(w["output_tokens"] > 0 for w in rep["warm_up"])
     url, _ = node
     dead = f"http://127.0.0.1:{_free_port()}/v1"
     rep = cli.json("build-engine", "--generator", "--recipe", make_recipe(
-        name="nodes", answer={"generator": "openai", "model": str(tiny_lm), "base_urls": [dead, url]}))
+        name="nodes", answer={"generator": {"backend": "openai", "model": str(tiny_lm), "base_urls": [dead, url]}}))
     assert [n["ok"] for n in rep["nodes"]] == [False, True] and rep["nodes"][1]["models"] == ["tiny"]
     out = cli("build-engine", "--generator", "--recipe", make_recipe(name="none"), ok=False)
     assert "nothing" in out.output or "no generator to build" in out.output
 
 
 def test_bench_times_the_generator(cli, make_recipe, tiny_lm):
-    recipe = make_recipe(answer={"generator": "transformers", "model": str(tiny_lm), "device": "cpu"})
+    recipe = make_recipe(answer={"generator": {"backend": "transformers", "model": str(tiny_lm), "device": "cpu"}})
     rep = cli.json("bench", "--no-search", "--generate", "--prompt-lengths", "32,128,4096", "--gen-batch", "1,2",
                    "--new-tokens", "8", "--reps", "2", "--recipe", recipe)
     gen = rep["generation"]
@@ -311,4 +312,4 @@ def test_bench_times_the_generator(cli, make_recipe, tiny_lm):
         assert all(seen == {} for seen in gen["gpu_during"].values())
     assert "search" not in rep
     out = cli("bench", "--no-search", "--generate", "--recipe", make_recipe(name="x"), ok=False)
-    assert "answer.generator is extractive" in out.output
+    assert "answer.generator.backend is extractive" in out.output

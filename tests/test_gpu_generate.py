@@ -66,7 +66,7 @@ def test_graph_decoder_gives_transformers_tokens(model_and_tokenizer, compile, k
 
 
 def test_packed_matrices_decode_the_same_tokens(model_and_tokenizer):
-    """answer.pack_weights (on by default): a bf16 model's one-row steps read 12-bit packed copies of its
+    """answer.generator.pack_weights (from_model packs by default): a bf16 model's one-row steps read 12-bit packed copies of its
     matrices, and greedy decoding gives the tokens it gives from the matrices themselves (both ordered, so
     that each run repeats bit for bit)."""
     import copy

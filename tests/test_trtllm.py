@@ -45,7 +45,7 @@ def test_a_missing_model_folder_is_a_one_line_error():
         TensorRTLLMBackend("/nonexistent")
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("generator model folder '/nonexistent' does not exist (set answer.model")
+    assert message.startswith("generator model folder '/nonexistent' does not exist (set answer.generator.model")
 
 
 @pytest.mark.skipif(deps.available("tensorrt_llm"), reason="tensorrt_llm is installed here")

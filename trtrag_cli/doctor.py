@@ -44,24 +44,24 @@ def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
 
 def generator_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
     """The generator and, for transformers, which decode path a GPU would take (before loading the model)."""
-    answer = recipe.answer
-    why = "answer.generator in the recipe"
-    if answer.generator == "transformers":
+    gen = recipe.answer.generator
+    why = "answer.generator.backend in the recipe"
+    if gen.backend == "transformers":
         from trtrag_cli.generate.hf import wants_fast_decoder
 
-        on_gpu = answer.device.startswith("cuda") or (answer.device == "auto" and bool(gpu_list))
-        if not wants_fast_decoder(answer.decode, on_gpu):
+        on_gpu = gen.device.startswith("cuda") or (gen.device == "auto" and bool(gpu_list))
+        if not wants_fast_decoder(gen.decode, on_gpu):
             why += "; on the GPU: transformers' generate with its static cache" if on_gpu else \
                 "; on the CPU: transformers' generate"
         elif not on_gpu:
             why += "; on the CPU: our decode loop, eagerly"
-        elif answer.kernels and available("triton"):
+        elif gen.kernels and available("triton"):
             why += ("; on the GPU, Llama-family models: our CUDA-graph loop, batch-1 steps through the Triton "
                     "decode kernels")
         else:
-            reason = "answer.kernels is false" if not answer.kernels else "triton is not installed"
+            reason = "answer.generator.kernels is false" if not gen.kernels else "triton is not installed"
             why += f"; on the GPU, Llama-family models: our CUDA-graph loop with torch layers ({reason})"
-    return {"backend": answer.generator, "ok": True, "why": why}
+    return {"backend": gen.backend, "ok": True, "why": why}
 
 
 def vector_index_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
@@ -119,7 +119,7 @@ def generator_params(recipe: Recipe) -> float | None:
     import json
     from pathlib import Path
 
-    model = getattr(recipe.answer, "model", None)
+    model = getattr(recipe.answer.generator, "model", None)
     config = Path(model) / "config.json" if model else None
     if config is None or not config.is_file():
         return None
@@ -151,7 +151,20 @@ def _engine_status(recipe: Recipe, backend: str) -> dict | None:
 
 def run_doctor(recipe: Recipe) -> dict:
     """Everything `trtrag doctor` reports, as plain data."""
+    from trtrag_cli.index.build import follow_index
+    from trtrag_cli.util.errors import TrtragError
+
     gpu_list = gpus()
+    try:  # the encoder an existing index needs, as ask would follow it
+        followed, conflict = follow_index(recipe), None
+    except TrtragError as exc:
+        followed, conflict = None, f"{exc.message} ({exc.hint})"
+    stages = resolve_stages(recipe, gpu_list)
+    for note in (followed, conflict):
+        if note:
+            stages["encoder"]["why"] += f"; {note}"
+    if conflict:
+        stages["encoder"]["ok"] = False
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -159,7 +172,7 @@ def run_doctor(recipe: Recipe) -> dict:
         "gpus": gpu_list,
         "recipe": recipe.source,
         "workspace": str(recipe.workspace_dir()),
-        "stages": resolve_stages(recipe, gpu_list),
+        "stages": stages,
         "advice": hardware_advice(recipe, gpu_list, _indexed_vectors(recipe)),
     }
 

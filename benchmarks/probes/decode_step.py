@@ -10,7 +10,7 @@ Variants (VARIANTS below, --variants picks them) set decode_kernels.ATTENTION en
 and .deterministic, and whether the matrix tiles are gpu_kernels.py's best (--tiles) rather than decode_kernels.TILES.
 Run 19 compared an L2 prefetch of each attention program's run before its wait (and 1 or 3 programs per SM,
 blocks of 32) with the plain kernel; run 20 the greedy token taken in the head kernel, and register caps;
-run 28 answer.deterministic (down without K splits); runs 32 and 35 a second weight tile or cache block loaded
+run 28 answer.generator.deterministic (down without K splits); runs 32 and 35 a second weight tile or cache block loaded
 before the PDL wait, runs 34 and 36 the step's kernels waiting for each other through counters of finished
 programs rather than PDL's grid wait (changes to the kernels since removed: results/gpu-generation-h200/README.md).
 Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/decode_step.py --tokenizer DIR [--tiles F]

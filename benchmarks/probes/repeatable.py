@@ -1,6 +1,6 @@
 """Probe: does greedy generation on the GPU repeat bit for bit? Llama-2-13B shape, random bf16 weights (nearly
 level logits, so the smallest difference changes a token), a 1024-token prompt: the prefill's logits five
-times, and 64 new tokens three times, with answer.deterministic on and off.
+times, and 64 new tokens three times, with answer.generator.deterministic on and off.
 Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/repeatable.py (run 29)
 """
 import json

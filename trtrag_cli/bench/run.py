@@ -19,7 +19,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +126,7 @@ def build_engines(recipe: Recipe, vectors: np.ndarray, ids: np.ndarray, kinds: l
                 continue
             fp16_options = [True, False] if (where == "gpu" and engine == "faiss") else [recipe.index.fp16]
             for fp16 in fp16_options:
-                cfg = replace(recipe.index, kind="flat", device=where, exact=engine, fp16=fp16)
+                cfg = recipe.index.model_copy(update={"kind": "flat", "device": where, "exact": engine, "fp16": fp16})
                 before = gpu_memory_used()
                 t = time.perf_counter()
                 if where == "cpu" or engine == "faiss":
@@ -148,7 +147,7 @@ def build_engines(recipe: Recipe, vectors: np.ndarray, ids: np.ndarray, kinds: l
                 out.append((label, searcher, _facts(cfg, "flat", before, time.perf_counter() - t)))
     for kind in kinds:
         where = "gpu" if gpu_count() and recipe.index.device != "cpu" and kind != "hnsw" else "cpu"
-        cfg = replace(recipe.index, kind=kind, device=where)
+        cfg = recipe.index.model_copy(update={"kind": kind, "device": where})
         before = gpu_memory_used()
         t = time.perf_counter()
         index = VectorIndex(cfg, dim)
@@ -383,6 +382,11 @@ def run_bench(recipe: Recipe, vectors: int = 0, dim: int = 0, batches: tuple[int
     if generation is not None:
         report["generation"] = _generation_report(recipe, generation, reps, log)
     if search:
+        from trtrag_cli.index.build import follow_index
+
+        followed = follow_index(recipe)  # the workspace's index is queried with the encoder that built it
+        if followed:
+            log(followed)
         _search_report(report, recipe, vectors, dim, batches, k, kinds, n_queries, stage, clients, queries_path,
                        reps, log)
     return report
@@ -391,13 +395,13 @@ def run_bench(recipe: Recipe, vectors: int = 0, dim: int = 0, batches: tuple[int
 def _generation_report(recipe: Recipe, settings: dict, reps: int, log) -> dict:
     from trtrag_cli.generate.registry import open_backend
 
-    backend = open_backend(recipe.answer)
+    backend = open_backend(recipe.answer.generator)
     try:
         out = bench_generation(backend, settings["prompt_lengths"], settings["batches"], settings["new_tokens"],
                                reps or 3, log=log)
     finally:
         backend.close()
-    return {"generator": recipe.answer.generator, "model": recipe.answer.model, **out}
+    return {"generator": recipe.answer.generator.backend, "model": recipe.answer.generator.model, **out}
 
 
 def _search_report(report, recipe, vectors, dim, batches, k, kinds, n_queries, stage, clients, queries_path,
@@ -421,7 +425,7 @@ def _search_report(report, recipe, vectors, dim, batches, k, kinds, n_queries, s
     if vectors and kinds:
         # The recipe's nlist suits its corpus; synthetic scale gets faiss's rule of thumb, 4 * sqrt(N).
         nlist = min(2 ** round(math.log2(4 * math.sqrt(vectors))), max(1, vectors // 39))
-        recipe = replace(recipe, index=replace(cfg, nlist=nlist))
+        recipe = recipe.model_copy(update={"index": cfg.model_copy(update={"nlist": nlist})})
     report["data"] = source
     report["index"] = {"nlist": recipe.index.nlist, "nprobe": recipe.index.nprobe,
                        "pq_m": recipe.index.pq_m or max(1, dim // 8), "pq_bits": recipe.index.pq_bits}

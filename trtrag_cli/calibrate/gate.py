@@ -68,10 +68,10 @@ class Probe:
         if len(holdout) < 64:
             warnings.append(f"only {len(holdout)} held-out queries for the gate; add domain queries")
         texts = list(holdout) + passages
-        with OrtEncoder(fp32_path, info, threads=recipe.encoder.threads, max_tokens=recipe.encoder.max_tokens,
+        with OrtEncoder(fp32_path, info, threads=recipe.encoder.threads or 0, max_tokens=recipe.encoder.max_tokens,
                         label="gate-fp32") as ref:
             reference = ref.encode(texts, batch_size=recipe.encoder.batch_size)
-            probe = cls(info, recipe.encoder.max_tokens, recipe.encoder.threads, texts, len(holdout), reference,
+            probe = cls(info, recipe.encoder.max_tokens, recipe.encoder.threads or 0, texts, len(holdout), reference,
                         recipe, store.vectors if store is not None else None, warnings=warnings)
             if eval_path is not None:
                 if store is None:

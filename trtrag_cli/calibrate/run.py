@@ -312,12 +312,12 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
     started = time.perf_counter()
     if cfg.tune and method == "entropy":
         warnings.append("calibrate.tune chooses percentiles, which entropy calibration does not use: it was skipped")
-    smoothings, chosen, tuning = smoothing_pass(plain, tokenizer, batches, cfg, method, recipe.encoder.threads)
+    smoothings, chosen, tuning = smoothing_pass(plain, tokenizer, batches, cfg, method, recipe.encoder.threads or 0)
     model = smooth.apply(plain, smoothings)  # FP32-exact; its MatMul inputs are what gets quantized
     plain_names = qdq.activation_names(qdq.find_sites(plain))
     names = list(dict.fromkeys(qdq.activation_names(qdq.find_sites(model)) + plain_names))
     collector, ranges, history, stable = collect(model, names, tokenizer, batches, method, cfg.percentile,
-                                                 min_iter, max_iter, cfg.tolerance, recipe.encoder.threads,
+                                                 min_iter, max_iter, cfg.tolerance, recipe.encoder.threads or 0,
                                                  progress, chosen)
     if not stable and len(batches) >= min_iter:
         last = history[-1]["drift"]

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from trtrag_cli.cli import ask, bench, build_engine, calibrate, doctor, evaluate, index, serve
+from trtrag_cli.cli import ask, bench, build_engine, calibrate, doctor, evaluate, index, recipe_cmd, serve
 from trtrag_cli.cli.common import VersionOpt, guarded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,6 +34,7 @@ app.command("serve")(serve.serve)
 app.command("eval")(evaluate.eval_)
 app.command("bench")(bench.bench)
 app.command("doctor")(doctor.doctor)
+app.add_typer(recipe_cmd.app, name="recipe")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

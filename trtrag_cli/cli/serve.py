@@ -19,7 +19,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
           recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt) -> None:
     """Serve /ask and an OpenAI-compatible /v1/chat/completions over HTTP until interrupted."""
     from trtrag_cli.generate.base import SamplingParams
-    from trtrag_cli.generate.registry import model_context, open_backend
+    from trtrag_cli.generate.registry import model_context, open_backend, served_name
     from trtrag_cli.serve.server import Service, make_server
 
     if not 0 <= port <= 65535:
@@ -31,12 +31,12 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
 
         pipeline = Pipeline(cfg)
     backend = None
-    if cfg.answer.generator != "extractive" or generate_only:  # open_backend refuses extractive
+    if cfg.answer.generator.backend != "extractive" or generate_only:  # open_backend refuses extractive
         backend = getattr(getattr(pipeline, "generator", None), "backend", None) if pipeline else None
-        backend = backend or open_backend(cfg.answer)
-        model_context(backend, cfg.answer)
-    service = Service(pipeline, backend, model_name=cfg.answer.served_model or Path(cfg.answer.model or "trtrag").name,
-                      defaults=SamplingParams.from_recipe(cfg.answer))
+        backend = backend or open_backend(cfg.answer.generator)
+        model_context(backend, cfg.answer.generator)
+    service = Service(pipeline, backend, model_name=Path(served_name(cfg.answer.generator)).name,
+                      defaults=SamplingParams.from_recipe(cfg.answer.sampling))
     server = make_server(service, host, port)
     bound = server.server_address
     console(stderr=True).print(f"serving on http://{bound[0]}:{bound[1]} (ask: {pipeline is not None}, "

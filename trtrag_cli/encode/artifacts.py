@@ -32,7 +32,7 @@ def open_recipe_encoder(recipe: Recipe, ws: Workspace):
     backend = resolve_backend(enc.backend, enc.precision)
     if backend == "tensorrt" or enc.precision == "int8":
         return open_engine_encoder(recipe, backend)
-    return open_encoder(enc.model, enc.backend, encoder_cache(recipe), threads=enc.threads,
+    return open_encoder(enc.model, enc.backend, encoder_cache(recipe), threads=enc.threads or 0,
                         max_tokens=enc.max_tokens, precision=enc.precision)
 
 
@@ -101,8 +101,8 @@ def open_engine_encoder(recipe: Recipe, backend: str):
     tag = hashlib.sha256(json.dumps([manifest.get("calibration"), manifest.get("form"),
                                      manifest.get("kept_float")]).encode()).hexdigest()[:8]
     run_tokens = (manifest.get("run_tokens") or {}).get("chosen", RUN_TOKENS)
-    return OrtEncoder(folder / manifest["file"], model_info(enc.model), threads=enc.threads, max_tokens=enc.max_tokens,
-                      label=f"onnxruntime-{enc.precision}-{tag}", run_tokens=run_tokens)
+    return OrtEncoder(folder / manifest["file"], model_info(enc.model), threads=enc.threads or 0,
+                      max_tokens=enc.max_tokens, label=f"onnxruntime-{enc.precision}-{tag}", run_tokens=run_tokens)
 
 
 def load_calibration(recipe: Recipe) -> tuple[Path, dict]:

@@ -27,9 +27,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     @classmethod
-    def from_recipe(cls, answer) -> SamplingParams:
-        return cls(answer.max_new_tokens, answer.temperature, answer.top_k, answer.top_p,
-                   None if answer.seed < 0 else answer.seed, tuple(answer.stop))
+    def from_recipe(cls, sampling) -> SamplingParams:
+        """The recipe's `answer.sampling` section as the backends' parameters (top_k null -> 0, off)."""
+        return cls(sampling.max_new_tokens, sampling.temperature, sampling.top_k or 0, sampling.top_p,
+                   sampling.seed, tuple(sampling.stop))
 
 
 @dataclass

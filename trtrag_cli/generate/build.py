@@ -1,6 +1,6 @@
 """`trtrag build-engine --generator`: what the recipe's generator needs before it serves.
 
-  transformers   load the model and run the prompt lengths once (with answer.compile, this is where
+  transformers   load the model and run the prompt lengths once (with answer.generator.compile, this is where
                  torch.compile traces and captures; the compiled code is cached by torch on disk, the
                  captured graphs are not: `serve` warms up again in its own process)
   tensorrt-llm   load the checkpoint through the LLM API (a ModelOpt-quantized checkpoint is loaded as it
@@ -22,14 +22,14 @@ WARM_LENGTHS = (128, 512)
 
 def build_generator(recipe) -> dict:
     """Prepare the generator; a report of what was done and measured."""
-    answer = recipe.answer
-    if answer.generator == "openai":
-        return _check_nodes(answer)
+    gen = recipe.answer.generator
+    if gen.backend == "openai":
+        return _check_nodes(gen)
     started = time.perf_counter()
-    backend = open_backend(answer)
-    report = {"generator": answer.generator, "model": answer.model, "load_s": round(time.perf_counter() - started, 2)}
+    backend = open_backend(gen)
+    report = {"generator": gen.backend, "model": gen.model, "load_s": round(time.perf_counter() - started, 2)}
     try:
-        context = model_context(backend, answer)
+        context = model_context(backend, gen)
         warm = []
         for length in WARM_LENGTHS:
             n = min(length, context - 16)
@@ -42,27 +42,27 @@ def build_generator(recipe) -> dict:
         for key in ("device", "static_cache", "compiled"):
             if hasattr(backend, key):
                 report[key] = str(getattr(backend, key))
-        if answer.generator == "transformers":
+        if gen.backend == "transformers":
             decoder = backend.decoder
             report["decode"] = ("transformers generate" if decoder is None else
                                 "graph, Triton kernels" if decoder.kernels is not None else "graph, torch layers")
-        if answer.generator == "tensorrt-llm":
+        if gen.backend == "tensorrt-llm":
             from trtrag_cli.generate.trtllm import serve_command
 
-            report["serve_command"] = serve_command(answer.model, tensor_parallel=answer.tensor_parallel,
-                                                    gpu_memory_fraction=answer.gpu_memory_fraction)
+            report["serve_command"] = serve_command(gen.model, tensor_parallel=gen.tensor_parallel,
+                                                    gpu_memory_fraction=gen.gpu_memory_fraction)
     finally:
         backend.close()
     return report
 
 
-def _check_nodes(answer) -> dict:
+def _check_nodes(gen) -> dict:
     from trtrag_cli.util import deps
 
     openai = deps.require("openai", "the openai generator")
     nodes = []
-    for url in answer.base_urls:
-        client = openai.OpenAI(base_url=url, api_key="not-needed", timeout=min(answer.timeout_s, 10), max_retries=0)
+    for url in gen.base_urls:
+        client = openai.OpenAI(base_url=url, api_key="not-needed", timeout=min(gen.timeout_s, 10), max_retries=0)
         try:
             models = [m.id for m in client.models.list().data]
             nodes.append({"url": url, "ok": True, "models": models})
@@ -70,5 +70,5 @@ def _check_nodes(answer) -> dict:
             nodes.append({"url": url, "ok": False, "error": type(exc).__name__})
     if not any(n["ok"] for n in nodes):
         raise TrtragError("no generation node answered: " + ", ".join(f"{n['url']} ({n['error']})" for n in nodes),
-                          "start a node (trtrag serve --generate-only, trtllm-serve, vLLM) at answer.base_urls")
+                          "start a node (trtrag serve --generate-only, trtllm-serve, vLLM) at answer.generator.base_urls")
     return {"generator": "openai", "nodes": nodes}

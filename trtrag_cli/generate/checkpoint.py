@@ -14,15 +14,15 @@ def check_causal_lm(path: str):
     folder = Path(path).expanduser()
     if not str(path) or not folder.is_dir():
         raise TrtragError(f"generator model folder '{path}' does not exist",
-                          "set answer.model to a local Hugging Face model folder (config.json, weights, tokenizer)")
+                          "set answer.generator.model to a local Hugging Face model folder (config.json, weights, tokenizer)")
     if not (folder / "config.json").is_file():
         raise TrtragError(f"'{folder}' has no config.json: not a Hugging Face model folder",
-                          "point answer.model at the folder written by save_pretrained()")
+                          "point answer.generator.model at the folder written by save_pretrained()")
     config = transformers.AutoConfig.from_pretrained(str(folder))
     causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     # BERT has a causal-LM head class too; what the checkpoint was saved as tells an encoder apart.
     heads = [a for a in (config.architectures or []) if a.endswith(("ForCausalLM", "LMHeadModel"))]
     if config.model_type not in causal or (config.architectures and not heads):
         raise TrtragError(f"'{folder}' holds a {config.model_type} model, which is not a causal language model",
-                          "use a decoder model (Llama, Mistral, Qwen, ...) for answer.generator transformers")
+                          "use a decoder model (Llama, Mistral, Qwen, ...) for answer.generator.backend transformers")
     return config

@@ -1,9 +1,9 @@
 """Generation with Hugging Face transformers: a local causal LM folder, on the CPU or a CUDA GPU.
 
 On a GPU, Llama-family models decode through our own loop (graph_decode.py: fused weights, static
-K/V cache, CUDA graphs, sampling on the device); `answer.decode: transformers` or another architecture
-uses transformers' `generate` with its static cache (and with `answer.compile`, a compiled forward).
-`answer.compile` (on by default) applies on a GPU only.
+K/V cache, CUDA graphs, sampling on the device); `answer.generator.decode: transformers` or another architecture
+uses transformers' `generate` with its static cache (and with `answer.generator.compile`, a compiled forward).
+`answer.generator.compile` (on by default) applies on a GPU only.
 Stop sequences end generation early and are cut from the text. Streaming: the fast decoder hands over
 tokens every few steps; `generate` streams through `TextIteratorStreamer` on a worker thread.
 """
@@ -31,19 +31,19 @@ class TransformersBackend:
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", compile: bool = False,
                  static_cache: bool | None = None, decode: str = "auto", kernels: bool = True,
-                 deterministic: bool = False, pack_weights: bool = True):
+                 deterministic: bool = True, pack_weights: bool = False):
         torch = deps.require("torch", "the transformers generator")
         transformers = deps.require("transformers", "the transformers generator")
         check_causal_lm(model)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise TrtragError("answer.device asks for CUDA but no CUDA GPU is visible",
-                              "set answer.device: auto or cpu")
+            raise TrtragError("answer.generator.device asks for CUDA but no CUDA GPU is visible",
+                              "set answer.generator.device: auto or cpu")
         if dtype == "auto":
             dtype = "bf16" if device.startswith("cuda") else "fp32"
         if dtype not in DTYPES:
-            raise TrtragError(f"unknown answer.dtype {dtype!r}", "use auto, fp32, fp16 or bf16")
+            raise TrtragError(f"unknown answer.generator.dtype {dtype!r}", "use auto, fp32, fp16 or bf16")
         tokenizer = transformers.AutoTokenizer.from_pretrained(model)
         transformers.utils.logging.disable_progress_bar()
         loaded = transformers.AutoModelForCausalLM.from_pretrained(
@@ -62,7 +62,7 @@ class TransformersBackend:
         return self
 
     def _attach(self, model, tokenizer, device, static_cache: bool | None, decode: str, compile: bool,
-                kernels: bool, deterministic: bool, pack_weights: bool = True) -> None:
+                kernels: bool, deterministic: bool, pack_weights: bool = False) -> None:
         """Everything around a loaded model: left padding, context, KV cache, which decode loop, compilation."""
         torch = self._torch = deps.require("torch", "the transformers generator")
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -224,15 +224,15 @@ class TransformersBackend:
 
 
 def wants_fast_decoder(decode: str, on_gpu: bool) -> bool:
-    """Whether answer.decode asks for our decode loop on this device (the model must still support it)."""
+    """Whether answer.generator.decode asks for our decode loop on this device (the model must still support it)."""
     if decode not in ("auto", "graph", "transformers"):
-        raise TrtragError(f"unknown answer.decode {decode!r}", "use auto, graph or transformers")
+        raise TrtragError(f"unknown answer.generator.decode {decode!r}", "use auto, graph or transformers")
     return decode == "graph" or (decode == "auto" and on_gpu)
 
 
 def _fast_decoder(model, device, decode: str, compile: bool = False, kernels: bool = True,
-                  deterministic: bool = False, pack_weights: bool = True):
-    """graph_decode.GraphDecoder for this model when the recipe's answer.decode allows it, else None."""
+                  deterministic: bool = True, pack_weights: bool = False):
+    """graph_decode.GraphDecoder for this model when the recipe's answer.generator.decode allows it, else None."""
     if not wants_fast_decoder(decode, device.type == "cuda"):
         return None
     from trtrag_cli.generate.decode.graph import GraphDecoder, supports
@@ -244,8 +244,8 @@ def _fast_decoder(model, device, decode: str, compile: bool = False, kernels: bo
             decoder.pack_weights()
         return decoder
     if decode == "graph":
-        raise TrtragError(f"answer.decode is graph, but the fast decoder cannot run this model: {reason}",
-                          "set answer.decode: auto or transformers")
+        raise TrtragError(f"answer.generator.decode is graph, but the fast decoder cannot run this model: {reason}",
+                          "set answer.generator.decode: auto or transformers")
     return None
 
 

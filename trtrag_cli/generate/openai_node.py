@@ -5,7 +5,7 @@ that refuses the connection, times out or answers 5xx is skipped for the next on
 node failed does the call fail (one line naming the nodes and the fix). A stream fails over only before
 its first piece: after that, text already shown cannot be taken back.
 
-The prompt is fitted to the served model's context with that model's own tokenizer, so `answer.model`
+The prompt is fitted to the served model's context with that model's own tokenizer, so `answer.generator.model`
 names a local folder holding it (the node's model folder, or just its tokenizer files).
 """
 
@@ -33,11 +33,11 @@ class OpenAIBackend:
         openai = deps.require("openai", "the openai generator")
         transformers = deps.require("transformers", "fitting prompts for the openai generator")
         if not base_urls:
-            raise TrtragError("answer.generator is openai but answer.base_urls is empty",
-                              "list the nodes, e.g. answer.base_urls: [http://127.0.0.1:8000/v1]")
+            raise TrtragError("answer.generator.backend is openai but answer.generator.base_urls is empty",
+                              "list the nodes, e.g. answer.generator.base_urls: [http://127.0.0.1:8000/v1]")
         if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
-            raise TrtragError(f"the openai generator needs the served model's tokenizer; answer.model is "
-                              f"'{tokenizer_dir}'", "set answer.model to a local folder with its tokenizer files")
+            raise TrtragError(f"the openai generator needs the served model's tokenizer; answer.generator.model is "
+                              f"'{tokenizer_dir}'", "set answer.generator.model to a local folder with its tokenizer files")
         self.model = model
         self.base_urls = list(base_urls)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -69,7 +69,7 @@ class OpenAIBackend:
 
     def _fail(self, failures: list[str]) -> TrtragError:
         return TrtragError("no generation node answered: " + "; ".join(failures),
-                           "start a node at one of answer.base_urls, raise answer.timeout_s, or set "
+                           "start a node at one of answer.generator.base_urls, raise answer.generator.timeout_s, or set "
                            "answer.fallback: extractive")
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:

@@ -66,7 +66,7 @@ def build_prompt(tokenizer, question: str, passages: list[dict], context: int, m
     if len(ids) > budget:
         raise TrtragError(f"the question and instructions take {len(ids)} tokens, but the model's context of "
                           f"{context} leaves {budget} after {max_new_tokens} answer tokens",
-                          "shorten the question, lower answer.max_new_tokens, or use a model with a longer context")
+                          "shorten the question, lower answer.sampling.max_new_tokens, or use a model with a longer context")
     blocks: list[str] = []
     kept: list[dict] = []
     cut = False

@@ -2,7 +2,8 @@
 
 `extractive` picks cited sentences from the passages. The language-model generators (`transformers`,
 `openai`, `tensorrt-llm`) share `base.LanguageModelGenerator`, which fits the prompt to the model's
-context (prompt.py) and can also `stream` the answer. With `answer.fallback: extractive`, a
+context (prompt.py) and can also `stream` the answer. The recipe's `answer.generator` section holds only
+the chosen backend's settings; `answer.sampling` the ones they share. With `answer.fallback: extractive`, a
 language-model generator that fails at answer time (a node down, a timeout) hands the question to the
 extractive one and says so, instead of failing the request.
 """
@@ -21,38 +22,44 @@ class Generator(Protocol):
         """Answer text with [n] citations, n being the 1-based position in `passages`."""
 
 
-def open_backend(answer):
-    """The language-model backend `answer.generator` names; extractive has none, which is an error here."""
-    if answer.generator == "extractive":
-        raise TrtragError("answer.generator is extractive: nothing to build, time or serve (it has no language "
-                          "model)", "set answer.generator (transformers, openai or tensorrt-llm) and answer.model")
-    if answer.generator == "transformers":
+def open_backend(gen):
+    """The language-model backend of the recipe's `answer.generator` section; extractive has none (an error)."""
+    if gen.backend == "extractive":
+        raise TrtragError("answer.generator.backend is extractive: nothing to build, time or serve (it has no "
+                          "language model)", "set answer.generator: {backend: transformers (or openai, "
+                          "tensorrt-llm), model: <folder>}")
+    if gen.backend == "transformers":
         from trtrag_cli.generate.hf import TransformersBackend
 
-        return TransformersBackend(answer.model, answer.device, answer.dtype, answer.compile,
-                                   decode=answer.decode, kernels=answer.kernels, deterministic=answer.deterministic,
-                                   pack_weights=answer.pack_weights)
-    if answer.generator == "openai":
+        return TransformersBackend(gen.model, gen.device, gen.dtype, gen.compile,
+                                   decode=gen.decode, kernels=gen.kernels, deterministic=gen.deterministic,
+                                   pack_weights=gen.pack_weights)
+    if gen.backend == "openai":
         from trtrag_cli.generate.openai_node import OpenAIBackend
 
-        return OpenAIBackend(answer.base_urls, answer.served_model or answer.model, answer.model,
-                             answer.api_key_env, answer.timeout_s)
-    if answer.generator == "tensorrt-llm":
+        return OpenAIBackend(gen.base_urls, served_name(gen), gen.model, gen.api_key_env, gen.timeout_s)
+    if gen.backend == "tensorrt-llm":
         from trtrag_cli.generate.trtllm import TensorRTLLMBackend
 
-        return TensorRTLLMBackend(answer.model, tensor_parallel=answer.tensor_parallel,
-                                  kv_cache_reuse=answer.kv_cache_reuse, gpu_memory_fraction=answer.gpu_memory_fraction)
-    raise TrtragError(f"unknown generator '{answer.generator}'", "use extractive, transformers, openai or tensorrt-llm")
+        return TensorRTLLMBackend(gen.model, tensor_parallel=gen.tensor_parallel,
+                                  kv_cache_reuse=gen.kv_cache_reuse, gpu_memory_fraction=gen.gpu_memory_fraction)
+    raise TrtragError(f"unknown generator '{gen.backend}'", "use extractive, transformers, openai or tensorrt-llm")
 
 
-def model_context(backend, answer) -> int:
-    """Tokens prompt + answer may use: answer.context, else what the model or its tokenizer says."""
-    if answer.context:
-        return answer.context
+def served_name(gen) -> str:
+    """The model name a node serves (openai: served_model, else the model setting); 'trtrag' without one."""
+    return getattr(gen, "served_model", None) or getattr(gen, "model", None) or "trtrag"
+
+
+def model_context(backend, gen) -> int:
+    """Tokens prompt + answer may use: answer.generator.context, else what the model or its tokenizer says."""
+    if gen.context is not None:
+        return gen.context
     for value in (getattr(backend, "context", None), getattr(backend.tokenizer, "model_max_length", None)):
         if isinstance(value, int) and 0 < value < 10_000_000:
             return value
-    raise TrtragError("cannot tell the generator model's context length", "set answer.context in the recipe")
+    raise TrtragError("cannot tell the generator model's context length",
+                      "set answer.generator.context in the recipe")
 
 
 def open_generator(recipe, lexical) -> Generator:
@@ -61,12 +68,13 @@ def open_generator(recipe, lexical) -> Generator:
 
     answer = recipe.answer
     extractive = ExtractiveGenerator(lexical, answer.max_sentences)
-    if answer.generator == "extractive":
+    if answer.generator.backend == "extractive":
         return extractive
     from trtrag_cli.generate.base import LanguageModelGenerator, SamplingParams
 
-    backend = open_backend(answer)
-    generator = LanguageModelGenerator(backend, SamplingParams.from_recipe(answer), model_context(backend, answer))
+    backend = open_backend(answer.generator)
+    generator = LanguageModelGenerator(backend, SamplingParams.from_recipe(answer.sampling),
+                                       model_context(backend, answer.generator))
     return FallbackGenerator(generator, extractive) if answer.fallback == "extractive" else generator
 
 

@@ -7,7 +7,6 @@ drops chunks of deleted files, and publishes the result atomically.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +15,7 @@ import numpy as np
 from trtrag_cli.corpus.chunking import index_text
 from trtrag_cli.encode.artifacts import open_recipe_encoder
 from trtrag_cli.encode.models import chunk_tokenizer
+from trtrag_cli.encode.registry import resolve_backend
 from trtrag_cli.recipe.schema import Recipe, dump_recipe
 from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.files import library_versions, read_json, write_json
@@ -30,11 +30,49 @@ def load_manifest(gen: Path) -> dict:
     return read_json(gen / MANIFEST)
 
 
+def reindex_command(recipe: Recipe, extra: str = "") -> str:
+    """The `trtrag index` command line that rebuilds this recipe's index (with extra --set flags)."""
+    flag = f" --recipe {recipe.source}" if recipe.source != "<defaults>" else ""
+    return f"trtrag index <corpus>{flag}{extra}"
+
+
+def follow_index(recipe: Recipe) -> str | None:
+    """Query the current index with the encoder it was built with, unless the recipe insists on another.
+
+    `encoder.precision` left out of the recipe (and of --set) takes the index's precision, and
+    `encoder.backend: auto` its backend, so `trtrag index --set encoder.precision=int8` followed by a plain
+    `ask` just works. A value the recipe set explicitly that differs is a one-line error. Returns what was
+    followed (for doctor), or None when there is nothing to follow (no index, or one older than this record).
+    """
+    gen = Workspace(recipe.workspace_dir()).current_index()
+    if gen is None or not (gen / MANIFEST).is_file():
+        return None
+    built = load_manifest(gen).get("encoder", {})
+    backend, precision = built.get("backend"), built.get("precision")
+    if backend is None or precision is None:
+        return None
+    enc = recipe.encoder
+    asked = {"precision": enc.precision} if "precision" in enc.model_fields_set else {}
+    if enc.backend != "auto":
+        asked["backend"] = enc.backend
+    wrong = {k: v for k, v in asked.items() if v != {"backend": backend, "precision": precision}[k]}
+    if wrong:
+        sets = "".join(f" --set encoder.{k}={v}" for k, v in wrong.items())
+        raise TrtragError(f"the index in {gen} was built with the {backend} {precision} encoder, but the recipe "
+                          "asks for " + " and ".join(f"encoder.{k} {v}" for k, v in wrong.items()),
+                          "remove " + " and ".join(f"encoder.{k}" for k in wrong) + " from the recipe (or --set) "
+                          f"to query this index, or re-index: {reindex_command(recipe, sets)}")
+    followed = {k: v for k, v in (("backend", backend), ("precision", precision)) if k not in asked}
+    for key, value in followed.items():
+        setattr(enc, key, value)
+    return ("encoder follows the index: " + ", ".join(f"{k} {v}" for k, v in followed.items())) if followed else None
+
+
 def _compatible(manifest: dict, recipe: Recipe, encoder_name: str) -> str | None:
     """Why an earlier generation cannot be reused incrementally, or None when it can."""
     if manifest.get("encoder", {}).get("name") != encoder_name:
         return f"encoder changed ({manifest.get('encoder', {}).get('name')} -> {encoder_name})"
-    if manifest.get("chunking") != asdict(recipe.chunking):
+    if manifest.get("chunking") != recipe.chunking.model_dump():
         return "chunking settings changed"
     return None
 
@@ -90,6 +128,7 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
     notes: list[str] = []
     entries, report = scan([Path(p) for p in paths], tuple(recipe.corpus.extensions),
                            int(recipe.corpus.max_file_mb * 1024 * 1024))
+    backend = resolve_backend(recipe.encoder.backend, recipe.encoder.precision)
     with ws.lock(), open_recipe_encoder(recipe, ws) as encoder:
         prev_gen, prev_store, prev_files = _previous(ws, recipe, encoder.name, notes)
         current = {e.key: e for e in entries}
@@ -150,9 +189,11 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
                                                                    len(prev_store) - len(kept_rows))}
         manifest = {
             "layout": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name,
-            "encoder": {"name": encoder.name, "dim": dim, "model": recipe.encoder.model,
-                        "max_tokens": encoder.max_tokens},
-            "chunking": asdict(recipe.chunking), "index": asdict(recipe.index), "lexical": asdict(recipe.lexical),
+            # backend and precision let later commands follow this index (follow_index).
+            "encoder": {"name": encoder.name, "dim": dim, "model": recipe.encoder.model, "backend": backend,
+                        "precision": recipe.encoder.precision, "max_tokens": encoder.max_tokens},
+            "chunking": recipe.chunking.model_dump(), "index": recipe.index.model_dump(),
+            "lexical": recipe.lexical.model_dump(),
             "versions": library_versions(), "counts": counts, "files": files,
         }
         with ws.new_generation() as gen:
@@ -180,7 +221,7 @@ def _update_vectors(recipe: Recipe, dim: int, prev_gen, prev_store, kept_rows, s
     def shape(cfg: dict) -> dict:  # the settings that change what is built; search-time ones do not
         return {k: cfg.get(k) for k in BUILD_FIELDS}
 
-    same_cfg = prev_gen is not None and shape(load_manifest(prev_gen).get("index") or {}) == shape(asdict(recipe.index))
+    same_cfg = prev_gen is not None and shape(load_manifest(prev_gen).get("index") or {}) == shape(recipe.index.model_dump())
     vindex = None
     if same_cfg and recipe.index.kind != "hnsw" and (prev_gen / "vectors.faiss").is_file():
         vindex = VectorIndex.load(prev_gen / "vectors.faiss", recipe.index, dim, device=False)

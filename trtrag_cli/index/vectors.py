@@ -72,9 +72,9 @@ def placement_for(kind: str, device: str, exact: str, faiss_gpus: int, torch_gpu
 
 
 def torch_devices(cfg: IndexConfig) -> list[str]:
-    """CUDA devices PyTorch exact search spreads its rows over: index.gpus of them (0: all), or only the first
+    """CUDA devices PyTorch exact search spreads its rows over: index.gpus of them (null: all), or only the first
     with multi_gpu replicate (torch search shards; replicas would serve throughput, not one query)."""
-    n = torch_gpu_count() if cfg.gpus <= 0 else min(cfg.gpus, torch_gpu_count())
+    n = torch_gpu_count() if cfg.gpus is None else min(cfg.gpus, torch_gpu_count())
     return [f"cuda:{i}" for i in range(1 if cfg.multi_gpu == "replicate" else n)] if n else []
 
 
@@ -217,7 +217,7 @@ class VectorIndex:
     def _gpu_resources(self) -> list:
         faiss = _faiss()
         if self._resources is None:
-            n = gpu_count() if self.cfg.gpus <= 0 else min(self.cfg.gpus, gpu_count())
+            n = gpu_count() if self.cfg.gpus is None else min(self.cfg.gpus, gpu_count())
             self._resources = [faiss.StandardGpuResources() for _ in range(n)]
         return self._resources
 

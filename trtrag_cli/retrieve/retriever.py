@@ -73,13 +73,15 @@ class Retriever:
     def __init__(self, recipe: Recipe, encoder=None):
         from trtrag_cli.encode.artifacts import open_recipe_encoder
         from trtrag_cli.index.bm25 import LexicalIndex
-        from trtrag_cli.index.build import load_manifest
+        from trtrag_cli.index.build import follow_index, load_manifest, reindex_command
         from trtrag_cli.index.chunks import ChunkStore
         from trtrag_cli.index.vectors import VectorIndex
 
         self.recipe = recipe
         ws = Workspace(recipe.workspace_dir())
         gen = ws.require_index()
+        if encoder is None:
+            follow_index(recipe)
         self.manifest = load_manifest(gen)
         self.encoder = encoder or open_recipe_encoder(recipe, ws)
         self._owns_encoder = encoder is None
@@ -88,7 +90,7 @@ class Retriever:
             self.close()
             raise TrtragError(f"the index was built with encoder '{built_with}' but queries would be encoded "
                               f"by '{query_encoder}'",
-                              f"re-index with this recipe: trtrag index <corpus> --recipe {recipe.source}")
+                              f"re-index with this recipe: {reindex_command(recipe)}")
         self.store = ChunkStore.load(gen)
         self.vindex = VectorIndex.load(gen / "vectors.faiss", recipe.index, self.manifest["encoder"]["dim"])
         self.lexical = LexicalIndex.load(gen / "bm25", recipe.lexical)

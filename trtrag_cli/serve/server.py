@@ -145,7 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _chat(self, body: dict) -> None:
         svc = self.service
         if svc.backend is None:
-            self._error(404, "this node has no language-model generator (answer.generator is extractive)")
+            self._error(404, "this node has no language-model generator (answer.generator.backend is extractive)")
             return
         try:
             prompt = chat_prompt(svc.backend.tokenizer, body.get("messages"))

@@ -32,7 +32,7 @@ KNOWN = {
 # Where `pip install <extra>` is the wrong advice.
 HINTS = {
     "tensorrt_llm": ("install tensorrt-llm in an environment of its own (its wheels pin torch and transformers) "
-                     "and run trtrag there, or serve the model with trtllm-serve and use answer.generator: openai"),
+                     "and run trtrag there, or serve the model with trtllm-serve and use answer.generator.backend: openai"),
 }
 
 

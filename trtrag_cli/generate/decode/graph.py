@@ -105,7 +105,8 @@ class GraphDecoder:
         torch = deps.require("torch", "the fast decoder")
         reason = supports(model)
         if reason:
-            raise TrtragError(f"the fast decoder cannot run this model: {reason}", "set answer.decode: transformers")
+            raise TrtragError(f"the fast decoder cannot run this model: {reason}",
+                              "set answer.generator.decode: transformers")
         self.torch = torch
         self.model = model
         cfg = model.config
@@ -423,7 +424,7 @@ class GraphDecoder:
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.context:
             raise TrtragError(f"prompt ({longest} tokens) plus {max_new_tokens} new tokens exceed the model's "
-                              f"{self.context}", "lower answer.max_new_tokens or answer.context")
+                              f"{self.context}", "lower answer.sampling.max_new_tokens or answer.generator.context")
         # On the model's own GPU: CUDA graphs and Triton launch on the current device, which may be another.
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with self._lock, on_device, torch.inference_mode():
