@@ -59,7 +59,7 @@ def test_without_tensorrt_llm_the_error_names_the_install(tmp_path):
 
 
 def test_import_is_light():
-    code = ("import sys, trtrag_cli.generators.trtllm;"
+    code = ("import sys, trtrag_cli.generate.trtllm;"
             "print(sorted({'tensorrt_llm', 'torch', 'transformers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
