@@ -84,7 +84,9 @@ class OpenAIBackend:
         hint = {401: f"set the node's key in ${self.api_key_env}", 403: f"set the node's key in ${self.api_key_env}",
                 404: "check answer.served_model against the node's /v1/models"}.get(
             status, "see the node's log, or set answer.fallback: extractive")
-        detail = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [""])[0][:200]
+        body = getattr(exc, "body", None)  # the reply's "error" object, when the node sent JSON
+        said = body.get("message") if isinstance(body, dict) else None
+        detail = (str(said or getattr(exc, "message", "") or exc).strip().splitlines() or [""])[0][:200]
         return GenerationError(f"generation node {url} refused the request: {_describe(exc)}: {detail}", hint)
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
