@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from trtrag_cli.calibrate import qdq
-from trtrag_cli.calibrate.run import _split, read_queries, read_trt_cache, trt_cache_text, trt_version_number
+from trtrag_cli.calibrate.run import _split, read_queries
+from trtrag_cli.calibrate.trt_cache import (read_trt_cache, target_trt_version, trt_cache_text,
+                                            trt_version_number, write_trt_cache)
 from trtrag_cli.calibrate.stats import RangeCollector, TensorHistogram, drift
+from trtrag_cli.util import deps
 from trtrag_cli.util.errors import TrtragError
 
 # ------------------------------------------------------------------------------------------ query sets
@@ -96,6 +99,41 @@ def test_calibration_cache_matches_the_documented_text_format():
     assert trt_version_number((8, 2, 3)) == 8203 and trt_version_number((10, 16, 1)) == 101601
     with pytest.raises(ValueError):
         read_trt_cache("input: 3c010204\n")
+
+
+def test_calibration_cache_is_written_only_for_a_real_tensorrt_version(tmp_path):
+    ranges = {"input": 1.0, "layer:0/out": 2.5}
+    # A version named for the target machine: its header, whatever is installed here.
+    entry = write_trt_cache(tmp_path, ranges, "10.16.1")
+    assert entry == {"file": "calibration.cache", "version": "10.16.1", "source": "requested",
+                     "algorithm": "EntropyCalibration2"}
+    text = (tmp_path / "calibration.cache").read_text()
+    assert text.splitlines()[0] == "TRT-101601-EntropyCalibration2" and read_trt_cache(text) == pytest.approx(ranges)
+    assert write_trt_cache(tmp_path, ranges, "8.6.1.6")["version"] == "8.6.1"  # a build number is ignored
+    assert (tmp_path / "calibration.cache").read_text().startswith("TRT-8601-")
+    # None named: the installed TensorRT's version, or no file and the reason (no made-up version).
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    entry = write_trt_cache(bare, ranges)
+    if deps.available("tensorrt"):
+        import tensorrt
+
+        assert entry["source"] == "installed" and tensorrt.__version__.startswith(entry["version"])
+    else:
+        assert entry["file"] is None and entry["version"] is None and not (bare / "calibration.cache").exists()
+        assert "TensorRT is not installed here" in entry["skipped"] and "trt_version" in entry["skipped"]
+
+
+def test_a_bad_or_too_new_tensorrt_version_is_a_one_line_error():
+    with pytest.raises(TrtragError, match="'ten' is not a TensorRT version") as err:
+        target_trt_version("ten")
+    assert "10.16.1" in err.value.hint
+    with pytest.raises(TrtragError, match="not a TensorRT version"):
+        target_trt_version("10.16")  # the header needs the patch number too
+    with pytest.raises(TrtragError, match="TensorRT 11.0.0 has no implicit-INT8 calibrator") as err:
+        target_trt_version("11.0.0")
+    assert "\n" not in str(err.value)
+    assert target_trt_version(None) is None and target_trt_version("10.3.0") == (10, 3, 0)
 
 
 # ------------------------------------------------------------------------------------------- Q/DQ graph

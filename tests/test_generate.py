@@ -4,11 +4,14 @@ No hub: the tokenizer is trained on the example corpus with the `tokenizers` lib
 2-layer Llama with random weights, so answers are gibberish, but everything around them is real:
 prompts fitted in the model's tokens, greedy determinism, seeded sampling, stop sequences, streaming,
 citations, the OpenAI-compatible node served on loopback and reached with the official `openai` client,
-failover, a node that never answers, and the extractive fallback.
+failover, a node that never answers, nodes that answer 429 or 500 or die mid-answer, and the extractive
+fallback (answers and streams).
 """
 
 from __future__ import annotations
 
+import http.server
+import json
 import shutil
 import socket
 import threading
@@ -17,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from trtrag_cli.generate.base import LanguageModelGenerator, SamplingParams, StopFilter
-from trtrag_cli.generate.prompt import build_prompt, citations
+from trtrag_cli.generate.base import GenerationError, LanguageModelGenerator, SamplingParams, StopFilter
+from trtrag_cli.generate.prompt import Prompt, build_prompt, citations
 from trtrag_cli.util.errors import TrtragError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,6 +258,131 @@ def test_nodes_down_or_silent_fail_fast_with_a_clear_error(tiny_lm, backend):
         silent.close()
     with pytest.raises(TrtragError, match="base_urls is empty"):
         OpenAIBackend([], "tiny", str(tiny_lm))
+
+
+# ------------------------------------------------------------------- failing nodes and the fallback
+
+class _FailingNode(http.server.BaseHTTPRequestHandler):
+    """Answers every chat completion with the server's `status`; 'dying' streams a piece, then hangs up."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.server.status == "dying" and body.get("stream"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", "100000")  # promised, never sent: the node died
+            self.end_headers()
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
+                     "choices": [{"index": 0, "delta": {"content": "The first words"}, "finish_reason": None}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        status = 500 if self.server.status == "dying" else self.server.status
+        reply = json.dumps({"error": {"message": f"the node says {status}", "type": "error", "code": status}})
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def failing():
+    """Loopback nodes answering 429, 500 or 404, and one that dies mid-stream: status -> base URL."""
+    servers = {}
+    for status in (429, 500, 404, "dying"):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingNode)
+        server.status = status
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers[status] = server
+    yield {status: f"http://127.0.0.1:{server.server_address[1]}/v1" for status, server in servers.items()}
+    for server in servers.values():
+        server.shutdown()
+        server.server_close()
+
+
+def test_rate_limited_or_failing_nodes_raise_one_generation_error(failing, node, tiny_lm, backend):
+    from trtrag_cli.generate.openai_node import OpenAIBackend
+
+    prompt = build_prompt(backend.tokenizer, "q?", PASSAGES[:1], 512, 8)
+    params = SamplingParams(max_new_tokens=8)
+    busy = OpenAIBackend([failing[429], failing[500]], "tiny", str(tiny_lm))
+    with pytest.raises(GenerationError, match="no generation node answered") as err:
+        busy.generate([prompt], params)
+    assert "HTTP 429 RateLimitError" in err.value.message and "HTTP 500 InternalServerError" in err.value.message
+    assert "answer.fallback: extractive" in err.value.hint
+    with pytest.raises(GenerationError, match="HTTP 429 RateLimitError"):
+        list(busy.stream(prompt, params))
+    # A rate-limited node is skipped for a live one.
+    url, _ = node
+    live = OpenAIBackend([failing[429], url], "tiny", str(tiny_lm))
+    assert [live.generate([prompt], params)[0].extra["node"] for _ in range(2)] == [url, url]
+    # A refusal every node would repeat fails at once, with its fix.
+    with pytest.raises(GenerationError, match=r"refused the request: HTTP 404 NotFoundError: the node says 404") as err:
+        OpenAIBackend([failing[404], url], "tiny", str(tiny_lm)).generate([prompt], params)
+    assert "answer.generator.served_model" in err.value.hint
+
+
+def test_a_torch_runtime_error_is_a_generation_error(backend):
+    empty = Prompt("", [], [])  # transformers cannot reshape an empty prompt: a RuntimeError from torch
+    with pytest.raises(GenerationError, match="the transformers generator failed: RuntimeError") as err:
+        backend.generate([empty], SamplingParams(max_new_tokens=4))
+    assert isinstance(err.value.__cause__, RuntimeError)
+    with pytest.raises(GenerationError, match="RuntimeError"):
+        list(backend.stream(empty, SamplingParams(max_new_tokens=4)))
+
+
+def _extractive():
+    from trtrag_cli.generate.extractive import ExtractiveGenerator
+    from trtrag_cli.index.bm25 import LexicalIndex
+    from trtrag_cli.recipe.schema import LexicalConfig
+
+    lexical = LexicalIndex(LexicalConfig())
+    lexical.build([p["text"] for p in PASSAGES])
+    return ExtractiveGenerator(lexical)
+
+
+def test_the_fallback_answers_and_streams_before_the_first_piece_only(failing, tiny_lm, backend):
+    from trtrag_cli.generate.openai_node import OpenAIBackend
+    from trtrag_cli.generate.registry import FallbackGenerator
+
+    question, passages = "How fast is the TH-50 replaced?", PASSAGES[:2]
+    extractive = _extractive()
+    expected = extractive.answer(question, passages)
+    down = FallbackGenerator(_gen(OpenAIBackend([failing[500]], "tiny", str(tiny_lm))), extractive)
+    assert down.answer(question, passages) == expected and "HTTP 500" in down.warning and down.last is None
+    # Before the first piece, the stream is the extractive answer, in one piece.
+    assert list(down.stream(question, passages)) == [expected]
+    assert "answered extractively" in down.warning and down.last is None
+    # After a piece was sent, no second answer is mixed in: the stream ends with an error that says so.
+    dying = FallbackGenerator(_gen(OpenAIBackend([failing["dying"]], "tiny", str(tiny_lm))), extractive)
+    got = []
+    with pytest.raises(GenerationError, match="failed mid-answer") as err:
+        for piece in dying.stream(question, passages):
+            got.append(piece)
+    assert got == ["The first words"] and "incomplete" in err.value.message and dying.warning is None
+    # A prompt that cannot fit the model's context is this request's failure too.
+    cramped = FallbackGenerator(_gen(backend, context=40), extractive)
+    assert cramped.answer(question, passages) == expected and "context" in cramped.warning
+
+
+def test_ask_falls_back_when_nodes_answer_429_and_500(cli, make_recipe, corpus_copy, tiny_lm, failing):
+    recipe = make_recipe(name="busy", answer={"generator": {"backend": "openai", "model": str(tiny_lm),
+                                                            "base_urls": [failing[429], failing[500]]}})
+    cli("index", corpus_copy, "--recipe", recipe)
+    question = "Can I get an advance replacement for a faulty TH-50 sensor?"
+    out = cli("ask", question, "--recipe", recipe, ok=False)
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no generation node answered") and "HTTP 429" in lines[0]
+    saved = cli.json("ask", question, "--recipe", recipe, "--set", "answer.fallback=extractive")
+    assert saved["generation"] is None and saved["citations"]
+    assert any("answered extractively" in w and "HTTP 500" in w for w in saved["warnings"])
+    streamed = cli("ask", question, "--stream", "--recipe", recipe, "--set", "answer.fallback=extractive")
+    assert streamed.stdout.count(saved["answer"]) == 1 and "answered extractively" in streamed.output
 
 
 # ------------------------------------------------------------------------------------ through ask

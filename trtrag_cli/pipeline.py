@@ -79,7 +79,8 @@ class Pipeline:
         passages = self.passages(ranking.rows, ranking.scores, k)
         given = passages[: self.recipe.answer.passages]
         t0 = time.perf_counter()
-        if on_piece is not None and hasattr(self.generator, "stream"):
+        streamed = on_piece is not None and hasattr(self.generator, "stream")
+        if streamed:
             pieces = []
             for piece in self.generator.stream(question, given):
                 pieces.append(piece)
@@ -97,6 +98,8 @@ class Pipeline:
         return {
             "question": question,
             "answer": answer,
+            # The answer already went to on_piece (the extractive fallback's too): a caller prints it once.
+            "streamed": streamed,
             "citations": citations(answer, passages),
             "generation": generation,
             "passages": passages,

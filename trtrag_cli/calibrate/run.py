@@ -7,7 +7,9 @@ to <workspace>/<name>/calibration/ in one atomic step:
 
   model.qdq.onnx     explicit-quantization model (what TensorRT 10/11 builds and ORT runs for the gate)
   calibration.json   method, per-tensor ranges, query-set hash, drift history, gate report
-  calibration.cache  the same activation ranges in TensorRT's legacy (<= 10) implicit-INT8 cache format
+  calibration.cache  the same activation ranges in TensorRT's legacy (<= 10) implicit-INT8 cache format,
+                     only for a real TensorRT version: the one installed here or `trt_version` for the
+                     target (its header carries the version; TensorRT 11 has no calibrator to read it)
   holdout.txt        the held-out queries the gate used, so build-engine gates its own INT8 form the same way
   smoothing.json     SmoothQuant factors applied before quantizing (quantize/smooth.py)
 """
@@ -18,22 +20,19 @@ import hashlib
 import json
 import random
 import resource
-import struct
 import time
 from pathlib import Path
 
 import numpy as np
 
-from trtrag_cli.encode.artifacts import CALIBRATION_DIR, HOLDOUT, QDQ_MODEL, REPORT, SMOOTHING, TRT_CACHE
+from trtrag_cli.calibrate.trt_cache import target_trt_version, write_trt_cache
+from trtrag_cli.encode.artifacts import CALIBRATION_DIR, HOLDOUT, QDQ_MODEL, REPORT, SMOOTHING
 from trtrag_cli.recipe.schema import Recipe
 from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.files import library_versions, sha256_file, write_json
 from trtrag_cli.util.workspace import Workspace
 
 MIN_BATCH = 1024
-# TensorRT version written into the legacy cache header when tensorrt is not installed here.
-LEGACY_TRT_VERSION = (10, 16, 1)
-CACHE_ALGORITHM = "EntropyCalibration2"  # IInt8EntropyCalibrator2 is the calibrator that reads it back
 RUN_TOKENS = 2048  # padded tokens per statistics run: bounds the activations held at once
 
 
@@ -227,47 +226,6 @@ def collect(model, names: list[str], tokenizer, batches: list[list[str]], method
     return collector, ranges, history, stable
 
 
-# ----------------------------------------------------------------------------------------- TRT cache
-
-def trt_version_number(version: tuple[int, int, int]) -> int:
-    """TensorRT's getInferLibVersion() encoding: M*1000+m*100+p before 10, (M*100+m)*100+p from 10 on."""
-    major, minor, patch = version
-    return major * 1000 + minor * 100 + patch if major < 10 else (major * 100 + minor) * 100 + patch
-
-
-def trt_cache_text(ranges: dict[str, float], version: tuple[int, int, int]) -> str:
-    """Legacy implicit-INT8 calibration cache: a header, then `<tensor>: <big-endian float32 scale hex>`."""
-    lines = [f"TRT-{trt_version_number(version)}-{CACHE_ALGORITHM}"]
-    for name, amax in ranges.items():
-        scale = max(float(amax), 1e-8) / 127.0
-        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
-    return "\n".join(lines) + "\n"
-
-
-def read_trt_cache(text: str) -> dict[str, float]:
-    """Tensor -> amax from a legacy cache (names may contain ':', so split at the last ': ')."""
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith("TRT-"):
-        raise ValueError("not a TensorRT calibration cache (no TRT- header)")
-    out = {}
-    for line in lines[1:]:
-        if line.strip():
-            name, _, hexed = line.rpartition(": ")
-            out[name] = struct.unpack(">f", bytes.fromhex(hexed.strip()))[0] * 127.0
-    return out
-
-
-def _installed_trt_version() -> tuple[int, int, int]:
-    from trtrag_cli.util import deps
-
-    found = deps.version("tensorrt")
-    if found:
-        parts = [int(p) for p in found.split(".")[:3] if p.isdigit()]
-        if len(parts) == 3:
-            return tuple(parts)
-    return LEGACY_TRT_VERSION
-
-
 # ------------------------------------------------------------------------------------------- command
 
 def _hash_queries(queries: list[str]) -> str:
@@ -276,8 +234,12 @@ def _hash_queries(queries: list[str]) -> str:
 
 def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str | None = None,
                   batch_size: int | None = None, iterations: int | None = None, strict: bool = False,
-                  eval_path: Path | None = None, progress=None) -> dict:
-    """Calibrate the recipe's encoder and publish the calibration folder; returns the report."""
+                  eval_path: Path | None = None, progress=None, trt_version: str | None = None) -> dict:
+    """Calibrate the recipe's encoder and publish the calibration folder; returns the report.
+
+    trt_version: the TensorRT (<= 10) that will read calibration.cache, e.g. "10.16.1"; without it the
+    cache is written for the installed TensorRT, or not at all (report["trt_cache"]["skipped"] says why).
+    """
     import onnx
 
     from trtrag_cli.calibrate import gate, qdq, smooth, stats
@@ -285,6 +247,7 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
     from trtrag_cli.encode.models import load_tokenizer, model_info
     from trtrag_cli.encode.onnxruntime import cache_folder, ensure_onnx
 
+    target_trt_version(trt_version)  # a bad version fails now, not after minutes of calibration
     cfg = recipe.calibrate
     method = method or cfg.method
     if method not in stats.METHODS:
@@ -344,10 +307,8 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
                                            "calibrate.max_float_layers")
             warnings.append(message)
         build(frozenset(verdict["kept_float"]))  # the file left in place is the gated model
-        trt_version = _installed_trt_version()
         # The legacy cache serves TensorRT's implicit INT8 of the plain FP32 export: unsmoothed tensors.
-        (out / TRT_CACHE).write_text(trt_cache_text({n: ranges[n] for n in plain_names}, trt_version),
-                                     encoding="utf-8")
+        trt_cache = write_trt_cache(out, {n: ranges[n] for n in plain_names}, trt_version)
         smooth.save(out / SMOOTHING, smoothings, "tuned" if tuning else cfg.smooth_alpha)
         (out / HOLDOUT).write_text("".join(q.replace("\n", " ") + "\n" for q in holdout), encoding="utf-8")
         report = {
@@ -364,8 +325,7 @@ def run_calibrate(recipe: Recipe, queries_path: Path | None = None, method: str 
             "smoothing": {"alpha": "tuned" if tuning else cfg.smooth_alpha, "sites": len(smoothings),
                           "file": SMOOTHING},
             "tuning": tuning,
-            "trt_cache": {"file": TRT_CACHE, "version": ".".join(map(str, trt_version)),
-                          "algorithm": CACHE_ALGORITHM},
+            "trt_cache": trt_cache,
             "versions": library_versions(("numpy", "onnx", "onnxruntime")),
             "warnings": warnings,
         }

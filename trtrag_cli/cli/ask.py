@@ -36,7 +36,7 @@ def ask(question: str = typer.Argument(..., help="The question."),
         return
     err = console(stderr=True)
     print_warnings(err, result["warnings"])
-    sys.stdout.write(("" if stream and result["generation"] else result["answer"]) + "\n\n")
+    sys.stdout.write(("" if result["streamed"] else result["answer"]) + "\n\n")  # streamed: already shown
     for cite in result["citations"]:
         sys.stdout.write(f"[{cite['n']}] {cite['source']} ({cite['chunk']})\n")
     t = result["timings_ms"]

@@ -4,15 +4,38 @@ A backend implements `generate(prompts, params) -> list[Generation]` (a batch, i
 `stream(prompt, params) -> Iterator[str]` (text pieces as they come), where a prompt is a
 `prompt.Prompt` (rendered text, token ids, the passages it holds). `LanguageModelGenerator` turns
 that into the `answer(question, passages)` that `ask` calls, with the prompt fitted to the context.
+
+A request that fails at answer time (a node down or rate limited, the GPU out of memory, a runtime
+error inside TensorRT-LLM) raises `GenerationError` from every backend: one type for the CLI to print
+as one line and for `answer.fallback: extractive` to catch. Bugs (TypeError and the like) are not wrapped.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from trtrag_cli.generate.prompt import Prompt, build_prompt
+from trtrag_cli.util.errors import TrtragError
+
+
+class GenerationError(TrtragError):
+    """A generator could not answer this request; the fallback generator may answer instead."""
+
+
+@contextmanager
+def generation_errors(backend: str, kinds: tuple[type[BaseException], ...], hint: str):
+    """Turn the library exceptions `kinds` raised in the block into a one-line GenerationError."""
+    try:
+        yield
+    except GenerationError:
+        raise
+    except kinds as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise GenerationError(f"the {backend} generator failed: {type(exc).__name__}"
+                              + (f": {detail}" if detail else ""), hint) from exc
 
 
 @dataclass(frozen=True)
@@ -103,7 +126,11 @@ class LanguageModelGenerator:
         self.last_prompt: Prompt | None = None
 
     def prompt(self, question: str, passages: list[dict]) -> Prompt:
-        return build_prompt(self.backend.tokenizer, question, passages, self.context, self.params.max_new_tokens)
+        """The prompt for this question; one that cannot fit the context is this request's GenerationError."""
+        try:
+            return build_prompt(self.backend.tokenizer, question, passages, self.context, self.params.max_new_tokens)
+        except TrtragError as exc:
+            raise GenerationError(exc.message, exc.hint) from None
 
     def answer(self, question: str, passages: list[dict]) -> str:
         """The whole answer; generated as a stream so that time to first token is measured too."""

@@ -6,6 +6,8 @@ uses transformers' `generate` with its static cache (and with `answer.generator.
 `answer.generator.compile` (on by default) applies on a GPU only.
 Stop sequences end generation early and are cut from the text. Streaming: the fast decoder hands over
 tokens every few steps; `generate` streams through `TextIteratorStreamer` on a worker thread.
+A RuntimeError while generating (torch's CUDA out-of-memory and device errors are RuntimeErrors) is
+raised as `GenerationError`, so `answer.fallback: extractive` catches it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from trtrag_cli.generate.base import Generation, SamplingParams, StopFilter, cut_at_stop
+from trtrag_cli.generate.base import Generation, SamplingParams, StopFilter, cut_at_stop, generation_errors
 from trtrag_cli.generate.checkpoint import check_causal_lm
 from trtrag_cli.generate.prompt import Prompt
 from trtrag_cli.util import deps
@@ -22,6 +24,7 @@ from trtrag_cli.util.deps import torch_dtype_kwarg
 from trtrag_cli.util.errors import TrtragError
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_HINT = "free GPU memory, lower answer.passages or answer.sampling.max_new_tokens, or set answer.fallback: extractive"
 
 
 class TransformersBackend:
@@ -135,6 +138,10 @@ class TransformersBackend:
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
         """Complete a batch of prompts together (the fast decoder, or one `generate` call)."""
+        with generation_errors(self.name, (RuntimeError,), _HINT):
+            return self._generate(prompts, params)
+
+    def _generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
         started = time.perf_counter()
         if self.decoder is not None:
             news = self._fast(prompts, params)
@@ -155,6 +162,10 @@ class TransformersBackend:
 
     def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
         """Text pieces as they are decoded; stop sequences never reach the caller."""
+        with generation_errors(self.name, (RuntimeError,), _HINT):
+            yield from self._stream(prompt, params)
+
+    def _stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
         if self.decoder is not None:
             yield from self._stream_fast(prompt, params)
             return

@@ -1,9 +1,11 @@
 """Generation on OpenAI-compatible nodes (trtllm-serve, vLLM, NIM, another `trtrag serve`).
 
 Requests go through the official `openai` client. Several base URLs are balanced round-robin; a node
-that refuses the connection, times out or answers 5xx is skipped for the next one, and only when every
-node failed does the call fail (one line naming the nodes and the fix). A stream fails over only before
-its first piece: after that, text already shown cannot be taken back.
+that refuses the connection, times out, is rate limited (429) or answers 5xx is skipped for the next one,
+and only when every node failed does the call fail (one line naming the nodes and the fix). Any other
+refusal (400, 401, 404 ...) would be the same on every node: it fails at once. A stream fails over only
+before its first piece: after that, text already shown cannot be taken back. Every failure is a
+`GenerationError`, which `answer.fallback: extractive` catches.
 
 The prompt is fitted to the served model's context with that model's own tokenizer, so `answer.generator.model`
 names a local folder holding it (the node's model folder, or just its tokenizer files).
@@ -17,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from trtrag_cli.generate.base import Generation, SamplingParams, StopFilter, cut_at_stop
+from trtrag_cli.generate.base import Generation, GenerationError, SamplingParams, StopFilter, cut_at_stop
 from trtrag_cli.generate.prompt import Prompt
 from trtrag_cli.util import deps
 from trtrag_cli.util.errors import TrtragError
@@ -44,7 +46,11 @@ class OpenAIBackend:
         key = os.environ.get(api_key_env) or "not-needed"  # local nodes ignore it; the client requires one
         self._clients = [openai.OpenAI(base_url=url, api_key=key, timeout=timeout_s, max_retries=0)
                          for url in self.base_urls]
-        self._errors = (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError)
+        self.api_key_env = api_key_env
+        # Worth trying the next node: this one is down, slow, overloaded or broken (APITimeoutError is a
+        # connection error). Any other openai.APIError is a refusal the next node would repeat.
+        self._skip = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+        self._refused = openai.APIError
         self._next = itertools.count()
         self._lock = threading.Lock()
 
@@ -67,10 +73,21 @@ class OpenAIBackend:
             body["extra_body"] = {"top_k": params.top_k}  # not in the OpenAI API; vLLM and trtllm-serve take it
         return body
 
-    def _fail(self, failures: list[str]) -> TrtragError:
-        return TrtragError("no generation node answered: " + "; ".join(failures),
-                           "start a node at one of answer.generator.base_urls, raise answer.generator.timeout_s, or set "
-                           "answer.fallback: extractive")
+    def _fail(self, failures: list[str]) -> GenerationError:
+        return GenerationError("no generation node answered: " + "; ".join(failures),
+                               "start a node at one of answer.generator.base_urls, raise answer.generator.timeout_s, or set "
+                               "answer.fallback: extractive")
+
+    def _refusal(self, url: str, exc) -> GenerationError:
+        """A node's answer that another node would repeat (bad request, auth, unknown model)."""
+        status = getattr(exc, "status_code", None)
+        hint = {401: f"set the node's key in ${self.api_key_env}", 403: f"set the node's key in ${self.api_key_env}",
+                404: "check answer.generator.served_model against the node's /v1/models"}.get(
+            status, "see the node's log, or set answer.fallback: extractive")
+        body = getattr(exc, "body", None)  # the reply's "error" object, when the node sent JSON
+        said = body.get("message") if isinstance(body, dict) else None
+        detail = (str(said or getattr(exc, "message", "") or exc).strip().splitlines() or [""])[0][:200]
+        return GenerationError(f"generation node {url} refused the request: {_describe(exc)}: {detail}", hint)
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
         """One request per prompt, in turn (concurrent callers, e.g. `serve`, are what a node batches)."""
@@ -82,9 +99,11 @@ class OpenAIBackend:
             started = time.perf_counter()
             try:
                 reply = self._clients[i].chat.completions.create(**self._request(prompt, params, False))
-            except self._errors as exc:
-                failures.append(f"{self.base_urls[i]}: {type(exc).__name__}")
+            except self._skip as exc:
+                failures.append(f"{self.base_urls[i]}: {_describe(exc)}")
                 continue
+            except self._refused as exc:
+                raise self._refusal(self.base_urls[i], exc) from exc
             choice = reply.choices[0]
             text, stopped = cut_at_stop(choice.message.content or "", params.stop)
             usage = reply.usage
@@ -112,9 +131,18 @@ class OpenAIBackend:
                 if tail:
                     yield tail
                 return
-            except self._errors as exc:
+            except self._refused as exc:
                 if started:
-                    raise TrtragError(f"generation node {self.base_urls[i]} failed mid-answer: {type(exc).__name__}",
-                                      "ask again; the other nodes are tried first next time") from None
-                failures.append(f"{self.base_urls[i]}: {type(exc).__name__}")
+                    raise GenerationError(f"generation node {self.base_urls[i]} failed mid-answer: "
+                                          f"{_describe(exc)}", "ask again; the other nodes are tried first next "
+                                          "time") from exc
+                if not isinstance(exc, self._skip):
+                    raise self._refusal(self.base_urls[i], exc) from exc
+                failures.append(f"{self.base_urls[i]}: {_describe(exc)}")
         raise self._fail(failures)
+
+
+def _describe(exc) -> str:
+    """An openai error in a few words: 'HTTP 429 RateLimitError', 'APITimeoutError'."""
+    status = getattr(exc, "status_code", None)
+    return f"HTTP {status} {type(exc).__name__}" if status else type(exc).__name__

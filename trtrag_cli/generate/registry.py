@@ -10,8 +10,10 @@ extractive one and says so, instead of failing the request.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
+from trtrag_cli.generate.base import GenerationError
 from trtrag_cli.util.errors import TrtragError
 
 
@@ -79,21 +81,48 @@ def open_generator(recipe, lexical) -> Generator:
 
 
 class FallbackGenerator:
-    """A language-model generator that answers extractively when it fails, with a warning."""
+    """A language-model generator that answers extractively when it fails, with a warning.
+
+    It catches `base.GenerationError`, the one type every backend raises for a failed request. A stream
+    falls back only before its first piece: the extractive answer then comes as one piece. After text
+    was sent, mixing in a second answer would read as one contradictory reply, so the stream ends with
+    a GenerationError saying the answer is incomplete instead.
+    """
 
     def __init__(self, primary, fallback):
         self.primary, self.fallback = primary, fallback
         self.name = primary.name
         self.warning: str | None = None
 
-    def __getattr__(self, item):  # last, last_prompt, stream, close ... come from the primary
+    def __getattr__(self, item):  # last, last_prompt, prompt, params, close ... come from the primary
         return getattr(self.primary, item)
 
+    def _fell_back(self, exc) -> None:
+        self.warning = f"the {self.primary.name} generator failed ({exc.message}); answered extractively"
+        self.primary.last = None  # no language-model figures for an answer it did not give
+
     def answer(self, question: str, passages: list[dict]) -> str:
+        """The primary's answer, or the fallback's when the primary raises GenerationError."""
         self.warning = None
         try:
             return self.primary.answer(question, passages)
-        except TrtragError as exc:
-            self.warning = f"the {self.primary.name} generator failed ({exc.message}); answered extractively"
-            self.primary.last = None
+        except GenerationError as exc:
+            self._fell_back(exc)
             return self.fallback.answer(question, passages)
+
+    def stream(self, question: str, passages: list[dict]) -> Iterator[str]:
+        """The primary's pieces; before the first one, a failure streams the fallback's answer instead."""
+        self.warning = None
+        sent = False
+        try:
+            for piece in self.primary.stream(question, passages):
+                sent = sent or bool(piece)
+                yield piece
+        except GenerationError as exc:
+            if sent:
+                raise GenerationError(f"the {self.primary.name} generator failed mid-answer ({exc.message}); "
+                                      "the text above is incomplete",
+                                      "ask again; the extractive fallback replaces only an answer that has not "
+                                      "started") from exc
+            self._fell_back(exc)
+            yield self.fallback.answer(question, passages)

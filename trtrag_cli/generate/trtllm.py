@@ -5,7 +5,10 @@ The folder is a plain `save_pretrained()` checkpoint or one quantized by ModelOp
 the LLM API reads the quantization from the checkpoint itself, so nothing here asks for it. Prompts go in as
 token ids, exactly as `prompt.build_prompt` fitted them, and a whole batch is one `LLM.generate` call so the
 runtime batches it in flight. `serve_command` gives the `trtllm-serve` line that runs the same model as a
-separate OpenAI-compatible node for `generators/openai_node.py`.
+separate OpenAI-compatible node for `generate/openai_node.py`. A request the runtime fails (its
+`RequestError`, e.g. a prompt over max_num_tokens; CUDA out of memory; a dead executor: all RuntimeErrors)
+or refuses (ValueError from its argument checks) is raised as `GenerationError`, so `answer.fallback`
+catches it.
 
 Written against these pages (TensorRT-LLM 1.x, PyTorch backend):
 - LLM, RequestOutput, SamplingParams: https://nvidia.github.io/TensorRT-LLM/llm-api/reference.html
@@ -31,12 +34,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from trtrag_cli.generate.base import Generation, SamplingParams, StopFilter, cut_at_stop
+from trtrag_cli.generate.base import Generation, SamplingParams, StopFilter, cut_at_stop, generation_errors
 from trtrag_cli.generate.checkpoint import check_causal_lm
 from trtrag_cli.generate.prompt import Prompt
 from trtrag_cli.util import deps
 
 _END = object()  # closes a stream's queue
+# tensorrt_llm.executor.RequestError subclasses RuntimeError, as do torch's CUDA and out-of-memory errors.
+_FAILURES = (RuntimeError, ValueError)
+_HINT = "see the TensorRT-LLM log; lower answer.passages or answer.sampling.max_new_tokens, or set answer.fallback: extractive"
 
 
 def sampling_params(params: SamplingParams, tensorrt_llm_module) -> object:
@@ -104,7 +110,8 @@ class TensorRTLLMBackend:
         sp = sampling_params(params, self._trtllm)
         started = time.perf_counter()
         # A TokensPrompt dict per prompt: a bare list of ints would be read as one prompt, not a batch.
-        outputs = self.llm.generate([{"prompt_token_ids": list(p.ids)} for p in prompts], sp, use_tqdm=False)
+        with generation_errors(self.name, _FAILURES, _HINT):
+            outputs = self.llm.generate([{"prompt_token_ids": list(p.ids)} for p in prompts], sp, use_tqdm=False)
         total = (time.perf_counter() - started) * 1e3
         results = []
         for out in outputs:
@@ -121,12 +128,13 @@ class TensorRTLLMBackend:
         pieces: queue.Queue = queue.Queue()
         cancel = threading.Event()
         job = asyncio.run_coroutine_threadsafe(self._produce(prompt, params, pieces, cancel), self._event_loop())
-        try:
-            while (piece := pieces.get()) is not _END:
-                yield piece
-        finally:
-            cancel.set()  # a caller that stops reading early ends the request at its next step
-            job.result()  # the producer's exception, if it had one
+        with generation_errors(self.name, _FAILURES, _HINT):
+            try:
+                while (piece := pieces.get()) is not _END:
+                    yield piece
+            finally:
+                cancel.set()  # a caller that stops reading early ends the request at its next step
+                job.result()  # the producer's exception, if it had one
 
     async def _produce(self, prompt: Prompt, params: SamplingParams, sink: queue.Queue,
                        cancel: threading.Event) -> None:
