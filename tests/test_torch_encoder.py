@@ -104,7 +104,7 @@ def test_order_is_preserved(encoder):
 
 
 def test_import_is_light():
-    code = ("import sys, trtrag_cli.encoders.torch;"
+    code = ("import sys, trtrag_cli.encode.torch;"
             "print(sorted({'torch', 'transformers', 'tokenizers', 'numpy'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])

@@ -442,12 +442,14 @@ def _print_bench(report: dict) -> None:
 @command
 def doctor(recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
            as_json: bool = JsonOpt) -> None:
-    """Versions, GPU, and the backend each stage of the recipe resolves to, and why."""
+    """Versions, GPU, the backend each stage resolves to and why; exits 1 when `ask` would fail."""
     from trtrag_cli.doctor import run_doctor
 
     report = run_doctor(_recipe(recipe, set_))
     if as_json:
         _emit_json(report)
+        if report["problems"]:
+            raise typer.Exit(1)
         return
     from rich.table import Table
 
@@ -469,6 +471,10 @@ def doctor(recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOp
     console.print(stages)
     for line in report.get("advice", []):
         console.print(f"advice: {line}", markup=False, style="yellow")
+    for line in report["problems"]:
+        console.print(f"error: {line}", markup=False, soft_wrap=True)
+    if report["problems"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

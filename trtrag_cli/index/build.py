@@ -25,8 +25,8 @@ MANIFEST = "manifest.json"
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
-def load_manifest(gen: Path) -> dict:
-    """The manifest of an index generation."""
+def load_index_manifest(gen: Path) -> dict:
+    """An index generation's manifest.json (what was indexed, with which encoder and settings)."""
     return read_json(gen / MANIFEST)
 
 
@@ -45,7 +45,7 @@ def _previous(ws: Workspace, recipe: Recipe, encoder_name: str, notes: list[str]
     gen = ws.current_index()
     if gen is None:
         return None, None, {}
-    manifest = load_manifest(gen)
+    manifest = load_index_manifest(gen)
     why = _compatible(manifest, recipe, encoder_name)
     if why:
         notes.append(f"full rebuild: {why}")
@@ -180,7 +180,7 @@ def _update_vectors(recipe: Recipe, dim: int, prev_gen, prev_store, kept_rows, s
     def shape(cfg: dict) -> dict:  # the settings that change what is built; search-time ones do not
         return {k: cfg.get(k) for k in BUILD_FIELDS}
 
-    same_cfg = prev_gen is not None and shape(load_manifest(prev_gen).get("index") or {}) == shape(asdict(recipe.index))
+    same_cfg = prev_gen is not None and shape(load_index_manifest(prev_gen).get("index") or {}) == shape(asdict(recipe.index))
     vindex = None
     if same_cfg and recipe.index.kind != "hnsw" and (prev_gen / "vectors.faiss").is_file():
         vindex = VectorIndex.load(prev_gen / "vectors.faiss", recipe.index, dim, device=False)
