@@ -448,8 +448,7 @@ def doctor(recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOp
     report = run_doctor(_recipe(recipe, set_))
     if as_json:
         _emit_json(report)
-        if report["problems"]:
-            raise typer.Exit(1)
+        _fail_on_problems(report["problems"])
         return
     from rich.table import Table
 
@@ -471,9 +470,14 @@ def doctor(recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOp
     console.print(stages)
     for line in report.get("advice", []):
         console.print(f"advice: {line}", markup=False, style="yellow")
-    for line in report["problems"]:
-        console.print(f"error: {line}", markup=False, soft_wrap=True)
-    if report["problems"]:
+    _fail_on_problems(report["problems"])
+
+
+def _fail_on_problems(problems: list[str]) -> None:
+    """One `error:` line per problem on stderr, then exit 1 (doctor: where `ask` would fail)."""
+    for line in problems:
+        _console().print(f"error: {line}", markup=False, soft_wrap=True)
+    if problems:
         raise typer.Exit(1)
 
 
