@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,11 +99,59 @@ def test_eval_on_example_queries(cli, indexed):
 
 
 def test_doctor_reports_stages(cli, indexed):
-    recipe, _ = indexed
+    recipe, report = indexed
     rep = cli.json("doctor", "--recipe", recipe)
     assert rep["stages"]["encoder"]["backend"] == "onnxruntime" and rep["stages"]["encoder"]["ok"]
+    assert rep["stages"]["encoder"]["why"].startswith("auto: ")
+    assert rep["stages"]["index"]["ok"] and rep["stages"]["index"]["chunks"] == report["counts"]["chunks_total"]
     assert rep["stages"]["vector_index"]["backend"] in ("faiss-cpu", "faiss-gpu")
-    assert rep["libraries"]["numpy"]
+    assert rep["libraries"]["numpy"] and rep["problems"] == []
+
+
+@pytest.fixture
+def indexed_copy(indexed, tmp_path):
+    """A private copy of the indexed workspace (recipe, live generation folder), for tests that damage it."""
+    recipe, _ = indexed
+    data = yaml.safe_load(recipe.read_text())
+    shutil.copytree(data["workspace"], tmp_path / "ws")
+    data["workspace"] = str(tmp_path / "ws")
+    copy = tmp_path / "ex.yaml"
+    copy.write_text(yaml.safe_dump(data))
+    return copy, tmp_path / "ws" / data["name"] / "index" / _current(copy).strip()
+
+
+def _doctor_fails_as_ask_does(cli, *args) -> list[str]:
+    """doctor's problems, after checking it exits 1 and `ask` fails with the line doctor gave."""
+    res = cli("doctor", *args, "--json", ok=False)
+    assert res.exit_code == 1
+    problems = json.loads(res.stdout)["problems"]
+    asked = cli("ask", "restocking fee for an opened sensor", *args, ok=False)
+    assert asked.exit_code == 1
+    said = " ".join(asked.output.split())
+    assert any(" ".join(p.split(": ", 1)[1].split()) in said for p in problems), (problems, said)
+    return problems
+
+
+@pytest.mark.parametrize("damaged", ["vectors.faiss", "chunks.jsonl", "vectors.npy", "bm25/vocab.index.json"])
+def test_doctor_fails_on_a_truncated_index_file(cli, indexed_copy, damaged):
+    recipe, gen = indexed_copy
+    path = gen / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    problems = _doctor_fails_as_ask_does(cli, "--recipe", recipe)
+    assert len(problems) == 1 and problems[0].startswith("index: ") and "re-run trtrag index" in problems[0]
+
+
+def test_doctor_fails_when_the_index_was_built_by_another_encoder(cli, indexed_copy):
+    """The index holds onnxruntime-fp32 vectors; a recipe resolving to the torch encoder cannot search it."""
+    recipe, _ = indexed_copy
+    problems = _doctor_fails_as_ask_does(cli, "--recipe", recipe, "--set", "encoder.backend=torch")
+    assert problems == [problems[0]] and "built with encoder 'onnxruntime-fp32/" in problems[0]
+    assert "'torch-fp32/" in problems[0]
+
+
+def test_doctor_fails_without_an_index(cli, make_recipe):
+    res = cli("doctor", "--recipe", make_recipe(), ok=False)
+    assert "error: index: no index in workspace" in res.output and "trtrag index" in res.output
 
 
 def test_later_commands_follow_the_encoder_the_index_records(cli, indexed):

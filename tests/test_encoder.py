@@ -214,7 +214,8 @@ def test_max_tokens_out_of_range(cache_root):
 
 
 def test_import_is_light():
-    code = ("import sys, trtrag_cli.encode.registry, trtrag_cli.encode.onnxruntime, trtrag_cli.encode.models;"
+    code = ("import sys, trtrag_cli.encode.registry, trtrag_cli.encode.artifacts, trtrag_cli.encode.onnxruntime, "
+            "trtrag_cli.encode.models;"
             "heavy = {'torch', 'onnxruntime', 'onnx', 'transformers', 'sentence_transformers', 'numpy'};"
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -222,14 +223,6 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_auto_picks_torch_only_with_a_gpu_and_a_precision_it_has(monkeypatch):
-    import trtrag_cli.encode.registry as encoders
-
-    from trtrag_cli.encode.registry import resolve_backend
-
-    assert resolve_backend("auto", "fp32") == ("torch" if encoders.gpu_present() else "onnxruntime")
-    monkeypatch.setattr(encoders, "gpu_present", lambda: True)
-    assert resolve_backend("auto", "fp16") == "torch"
-    assert resolve_backend("auto", "int8") == "onnxruntime"
-    monkeypatch.setattr(encoders, "gpu_present", lambda: False)
-    assert resolve_backend("auto", "fp16") == "onnxruntime"
+def test_an_engine_only_precision_is_refused_by_open_encoder(cache_root):
+    with pytest.raises(TrtragError, match="from a built engine only"):
+        open_encoder(MODEL, "onnxruntime", cache_root, precision="int8")

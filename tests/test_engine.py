@@ -244,9 +244,11 @@ def test_tensorrt_int8_plan_matches_fp32(chain, cli):
 
 
 def test_doctor_reports_whether_the_int8_engine_is_usable(built, cli, make_recipe):
-    rep = cli.json("doctor", "--recipe", make_recipe(), "--set", "encoder.precision=int8")
+    res = cli("doctor", "--recipe", make_recipe(), "--set", "encoder.precision=int8", "--json", ok=False)
+    rep = json.loads(res.stdout)
     enc = rep["stages"]["encoder"]
     assert not enc["ok"] and "trtrag build-engine --int8" in enc["engine"]["status"]
+    assert any(p.startswith("encoder: no onnxruntime int8 engine") for p in rep["problems"])
     rep = cli.json("doctor", "--recipe", built["recipe"], "--set", "encoder.precision=int8")
     enc = rep["stages"]["encoder"]
     assert enc["engine"]["ok"] and enc["engine"]["gate"]["mean_cosine"] >= 0.99

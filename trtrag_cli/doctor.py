@@ -1,4 +1,5 @@
-"""`trtrag doctor`: versions, GPU, and which backend each stage of the recipe resolves to, and why."""
+"""`trtrag doctor`: versions, GPU, which backend each stage of the recipe resolves to and why, and whether
+`ask` would work: the encoder (engine included) and the index are opened the way `ask` opens them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import platform
 
 from trtrag_cli.recipe.schema import Recipe
 from trtrag_cli.util.deps import available, version
+from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.gpu import gpus
 
 LIBRARIES = ("numpy", "onnxruntime", "onnx", "faiss-cpu", "faiss-gpu", "bm25s", "PyStemmer", "tokenizers",
@@ -14,32 +16,82 @@ LIBRARIES = ("numpy", "onnxruntime", "onnx", "faiss-cpu", "faiss-gpu", "bm25s", 
 
 
 def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
-    """Backend per stage with the reason it was chosen."""
-    from trtrag_cli.encode.registry import resolve_backend
-
-    enc = recipe.encoder.backend
-    enc_choice = resolve_backend(enc, recipe.encoder.precision) if enc == "auto" else enc
-    if enc != "auto":
-        why = "named in the recipe"
-    elif enc_choice == "torch":
-        why = "auto: a CUDA GPU is present: torch with a CUDA graph per shape bucket"
-    elif enc_choice == "tensorrt":
-        why = "auto: int8 on a CUDA GPU with TensorRT installed: the calibrated Q/DQ plan"
-    else:
-        why = "auto: no CUDA GPU (or int8 without TensorRT): ONNX Runtime on the CPU"
-    encoder_ok = available(enc_choice)
-    engine = _engine_status(recipe, enc_choice)
-    if engine:
-        why += f"; {engine['status']}"
-        encoder_ok = encoder_ok and engine["ok"]
+    """Backend per stage with the reason it was chosen; the encoder and the index are opened as `ask` opens
+    them, and a stage that would fail carries `problem` (one line) and ok False."""
+    encoder_st, encoder = encoder_stage(recipe)
+    try:
+        index_st = index_stage(recipe, encoder)
+    finally:
+        if encoder is not None:
+            encoder.close()
     return {
-        "encoder": {"backend": enc_choice, "ok": encoder_ok, "why": why, "model": recipe.encoder.model,
-                    "precision": recipe.encoder.precision, "engine": engine},
+        "encoder": encoder_st,
+        "index": index_st,
         "vector_index": vector_index_stage(recipe, gpu_list),
         "lexical": {"backend": "bm25s", "ok": available("bm25s"), "why": "the only BM25 backend"},
         "rerank": {"backend": recipe.retrieve.mode, "ok": True, "why": "retrieve.mode in the recipe"},
         "generator": generator_stage(recipe, gpu_list),
     }
+
+
+def _line(exc: TrtragError) -> str:
+    return exc.message + (f" — {exc.hint}" if exc.hint else "")
+
+
+def encoder_stage(recipe: Recipe):
+    """(stage, open encoder or None): the backend the one resolver picks and why, opened as `ask` opens it."""
+    from trtrag_cli.encode.artifacts import open_recipe_encoder, resolve_recipe_backend
+
+    enc = recipe.encoder
+    stage = {"backend": enc.backend, "ok": False, "why": "", "model": enc.model, "precision": enc.precision,
+             "engine": None}
+    try:
+        choice = resolve_recipe_backend(recipe)
+    except TrtragError as exc:
+        return {**stage, "why": "no backend serves the recipe here", "problem": _line(exc)}, None
+    stage.update(backend=choice.backend, why=choice.why)
+    if choice.engine:
+        stage["engine"] = _engine_facts(recipe, choice.backend)
+    try:
+        encoder = open_recipe_encoder(recipe, choice=choice)
+    except TrtragError as exc:
+        stage["problem"] = _line(exc)
+        if stage["engine"] is not None:
+            stage["engine"].update(ok=False, status=f"engine not usable: {_line(exc)}")
+        return stage, None
+    stage.update(ok=True, name=encoder.name, dim=encoder.dim)
+    return stage, encoder
+
+
+def _engine_facts(recipe: Recipe, backend: str) -> dict:
+    """The built engine the encoder will load: where, which form, its accuracy gate (not yet opened)."""
+    from trtrag_cli.encode.artifacts import load_engine_manifest
+
+    try:
+        folder, manifest = load_engine_manifest(recipe, backend, recipe.encoder.precision)
+    except TrtragError as exc:
+        return {"ok": False, "status": f"engine not usable: {_line(exc)}"}
+    return {"ok": True, "status": f"engine {folder} ({manifest.get('form', backend)})", "gate": manifest.get("gate")}
+
+
+def index_stage(recipe: Recipe, encoder) -> dict:
+    """The workspace's live index, opened as `ask` opens it, and checked against the encoder that will
+    encode the questions (skipped when that encoder did not open: its stage says why)."""
+    from trtrag_cli.index.build import load_index_manifest
+    from trtrag_cli.retrieve.retriever import check_built_with, open_stores
+    from trtrag_cli.util.workspace import Workspace
+
+    try:
+        gen = Workspace(recipe.workspace_dir()).require_index()
+        manifest = load_index_manifest(gen)
+        if encoder is not None:
+            check_built_with(manifest, encoder.name, recipe)
+        store, _, _ = open_stores(recipe, gen, manifest)
+    except TrtragError as exc:
+        return {"backend": "none", "ok": False, "why": "the index `ask` would search", "problem": _line(exc)}
+    built_with = manifest.get("encoder", {}).get("name")
+    return {"backend": gen.name, "ok": True, "chunks": len(store.records),
+            "why": f"{len(store.records)} chunks, built with {built_with}"}
 
 
 def generator_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
@@ -90,7 +142,6 @@ def hardware_advice(recipe: Recipe, gpu_list: list[dict], index_vectors: int | N
     """The design's sizing rules as warnings where they apply: GPU memory about twice what the models and
     the index need, and tensor parallelism for generators past 32B parameters."""
     from trtrag_cli.encode.models import model_info
-    from trtrag_cli.util.errors import TrtragError
 
     if not gpu_list:
         return []
@@ -131,40 +182,21 @@ def generator_params(recipe: Recipe) -> float | None:
     return float(layers * (2 * h * h + 2 * h * kv + 3 * h * ffn) + 2 * c.get("vocab_size", 0) * h)
 
 
-def _engine_status(recipe: Recipe, backend: str) -> dict | None:
-    """Whether the engine the recipe needs (int8 or TensorRT) is built and still loadable here."""
-    from trtrag_cli.util.errors import TrtragError
-
-    if recipe.encoder.precision != "int8" and backend != "tensorrt":
-        return None
-    from trtrag_cli.encode.artifacts import check_ort_engine, load_manifest
-
-    try:
-        folder, manifest = load_manifest(recipe, backend, recipe.encoder.precision)
-        if backend == "onnxruntime":
-            check_ort_engine(recipe, manifest, folder)
-    except TrtragError as exc:
-        return {"ok": False, "status": f"engine not usable: {exc.message} ({exc.hint})"}
-    return {"ok": True, "status": f"engine {folder} ({manifest.get('form', backend)})",
-            "gate": manifest.get("gate")}
-
-
 def run_doctor(recipe: Recipe) -> dict:
-    """Everything `trtrag doctor` reports, as plain data."""
+    """Everything `trtrag doctor` reports, as plain data; `problems` holds one line for each stage that would
+    make `ask` fail (the command exits non-zero when there is any)."""
     from trtrag_cli.index.build import follow_index
-    from trtrag_cli.util.errors import TrtragError
 
     gpu_list = gpus()
     try:  # the encoder an existing index needs, as ask would follow it
         followed, conflict = follow_index(recipe), None
     except TrtragError as exc:
-        followed, conflict = None, f"{exc.message} ({exc.hint})"
+        followed, conflict = None, exc
     stages = resolve_stages(recipe, gpu_list)
-    for note in (followed, conflict):
-        if note:
-            stages["encoder"]["why"] += f"; {note}"
+    if followed:
+        stages["encoder"]["why"] += f"; {followed}"
     if conflict:
-        stages["encoder"]["ok"] = False
+        stages["encoder"].update(ok=False, problem=_line(conflict))
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -173,17 +205,6 @@ def run_doctor(recipe: Recipe) -> dict:
         "recipe": recipe.source,
         "workspace": str(recipe.workspace_dir()),
         "stages": stages,
-        "advice": hardware_advice(recipe, gpu_list, _indexed_vectors(recipe)),
+        "problems": [f"{name}: {st.get('problem') or st['why']}" for name, st in stages.items() if not st["ok"]],
+        "advice": hardware_advice(recipe, gpu_list, stages["index"].get("chunks")),
     }
-
-
-def _indexed_vectors(recipe: Recipe) -> int | None:
-    """How many vectors the workspace's current index holds (None when there is none)."""
-    from trtrag_cli.util.files import read_json
-    from trtrag_cli.util.workspace import Workspace
-
-    gen = Workspace(recipe.workspace_dir()).current_index()
-    if gen is None or not (gen / "manifest.json").is_file():
-        return None
-    counts = read_json(gen / "manifest.json").get("counts", {})
-    return counts.get("chunks_total")

@@ -380,7 +380,7 @@ def run_bench(recipe: Recipe, vectors: int = 0, dim: int = 0, batches: tuple[int
         raise TrtragError("batch sizes and k must be positive", "e.g. --batch 1,32,1000 --k 100")
     report: dict = {"schema": SCHEMA, "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if generation is not None:
-        report["generation"] = _generation_report(recipe, generation, reps, log)
+        report["generation"] = _generation_bench(recipe, generation, reps, log)
     if search:
         from trtrag_cli.index.build import follow_index
 
@@ -392,7 +392,8 @@ def run_bench(recipe: Recipe, vectors: int = 0, dim: int = 0, batches: tuple[int
     return report
 
 
-def _generation_report(recipe: Recipe, settings: dict, reps: int, log) -> dict:
+def _generation_bench(recipe: Recipe, settings: dict, reps: int, log) -> dict:
+    """The recipe's language model timed over prompt lengths and batches (bench_generation), closed after."""
     from trtrag_cli.generate.registry import open_backend
 
     backend = open_backend(recipe.answer.generator)

@@ -107,9 +107,9 @@ def _recall_data(recipe, store, gen: Path, eval_path: Path, ref, warnings: list[
 
 
 def _encoder_name(gen: Path) -> str:
-    from trtrag_cli.index.build import load_manifest
+    from trtrag_cli.index.build import load_index_manifest
 
-    return load_manifest(gen)["encoder"]["name"]
+    return load_index_manifest(gen)["encoder"]["name"]
 
 
 def _recall_at(recipe, data: RecallData, doc_vectors: np.ndarray, query_vectors: np.ndarray, k: int = TOP) -> float:

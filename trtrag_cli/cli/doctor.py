@@ -5,18 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+import typer
+
 from trtrag_cli.cli.common import JsonOpt, RecipeOpt, SetOpt, command, console, emit_json, load
 
 
 @command
 def doctor(recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
            as_json: bool = JsonOpt) -> None:
-    """Versions, GPU, and the backend each stage of the recipe resolves to, and why."""
+    """Versions, GPU, the backend each stage resolves to and why; exits 1 when `ask` would fail."""
     from trtrag_cli.doctor import run_doctor
 
     report = run_doctor(load(recipe, set_))
     if as_json:
         emit_json(report)
+        _fail_on_problems(report["problems"])
         return
     from rich.table import Table
     from rich.text import Text
@@ -39,3 +42,12 @@ def doctor(recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOp
     out.print(stages)
     for line in report.get("advice", []):
         out.print(f"advice: {line}", markup=False, style="yellow")
+    _fail_on_problems(report["problems"])
+
+
+def _fail_on_problems(problems: list[str]) -> None:
+    """One `error:` line per problem on stderr, then exit 1 (doctor: where `ask` would fail)."""
+    for line in problems:
+        console(stderr=True).print(f"error: {line}", markup=False)
+    if problems:
+        raise typer.Exit(1)

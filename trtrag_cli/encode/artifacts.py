@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
 
+from trtrag_cli.encode.registry import (
+    PRECISIONS,
+    Choice,
+    Facts,
+    machine_facts,
+    open_encoder,
+    resolve_backend,
+)
 from trtrag_cli.recipe.schema import Recipe
 from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.files import library_versions, read_json
@@ -24,15 +33,30 @@ HOLDOUT = "holdout.txt"
 SMOOTHING = "smoothing.json"
 
 
-def open_recipe_encoder(recipe: Recipe, ws: Workspace):
-    """The encoder the recipe names, with its export cached in the workspace."""
-    from trtrag_cli.encode.registry import open_encoder, resolve_backend
+def recipe_facts(recipe: Recipe) -> Facts:
+    """This machine's facts for `auto`, with the TensorRT plans the recipe's workspace holds."""
+    facts = machine_facts()
+    if not (facts.gpu and facts.tensorrt):
+        return facts
+    built = {p for p in PRECISIONS["tensorrt"] if (engine_dir(recipe, "tensorrt", p) / MANIFEST).is_file()}
+    return dataclasses.replace(facts, plans=frozenset(built))
 
+
+def resolve_recipe_backend(recipe: Recipe, backend: str | None = None, precision: str | None = None,
+                           building: bool = False) -> Choice:
+    """The encoder backend for this recipe on this machine (the recipe's backend and precision by default)."""
+    backend, precision = backend or recipe.encoder.backend, precision or recipe.encoder.precision
+    facts = recipe_facts(recipe) if backend == "auto" else None  # a named backend asks the machine nothing
+    return resolve_backend(backend, precision, facts, building)
+
+
+def open_recipe_encoder(recipe: Recipe, ws: Workspace | None = None, choice: Choice | None = None):
+    """The encoder the recipe names: a built engine, or the model with its export cached in the workspace."""
     enc = recipe.encoder
-    backend = resolve_backend(enc.backend, enc.precision)
-    if backend == "tensorrt" or enc.precision == "int8":
-        return open_engine_encoder(recipe, backend)
-    return open_encoder(enc.model, enc.backend, encoder_cache(recipe), threads=enc.threads or 0,
+    choice = choice or resolve_recipe_backend(recipe)
+    if choice.engine:
+        return open_engine_encoder(recipe, choice.backend)
+    return open_encoder(enc.model, choice.backend, encoder_cache(recipe), threads=enc.threads,
                         max_tokens=enc.max_tokens, precision=enc.precision)
 
 
@@ -52,8 +76,8 @@ def _rebuild_hint(precision: str, backend: str) -> str:
     return f"run: trtrag build-engine --{precision} --backend {backend}"
 
 
-def load_manifest(recipe: Recipe, backend: str, precision: str) -> tuple[Path, dict]:
-    """The engine folder and manifest, refusing a missing engine or one built under another key."""
+def load_engine_manifest(recipe: Recipe, backend: str, precision: str) -> tuple[Path, dict]:
+    """An engine's folder and manifest.json, refusing a missing engine or one built under another key."""
     folder = engine_dir(recipe, backend, precision)
     if not (folder / MANIFEST).is_file():
         raise TrtragError(f"no {backend} {precision} engine in {folder}",
@@ -68,8 +92,6 @@ def load_manifest(recipe: Recipe, backend: str, precision: str) -> tuple[Path, d
 
 def check_ort_engine(recipe: Recipe, manifest: dict, folder: Path) -> None:
     """Refuse an ORT engine whose versions or calibration no longer match this machine and workspace."""
-    from trtrag_cli.encode.artifacts import load_calibration
-
     now = library_versions(("onnxruntime", "onnx"))
     if manifest.get("versions") != now:
         raise TrtragError(f"the engine in {folder} was built with {manifest.get('versions')}, this is {now}",
@@ -90,7 +112,7 @@ def open_engine_encoder(recipe: Recipe, backend: str):
     from trtrag_cli.encode.models import model_info
 
     enc = recipe.encoder
-    folder, manifest = load_manifest(recipe, backend, enc.precision)
+    folder, manifest = load_engine_manifest(recipe, backend, enc.precision)
     if backend == "tensorrt":
         from trtrag_cli.encode import tensorrt as trt_encoder
 

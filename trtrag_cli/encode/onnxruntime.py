@@ -22,7 +22,6 @@ import json
 import os
 import re
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING
 from trtrag_cli.encode.models import ModelInfo, load_tokenizer, model_info
 from trtrag_cli.util import deps
 from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.files import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,8 +40,6 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT = "embeddings"
 OPSET = 17
 VARIANTS = {"fused": "model.fused.onnx", "plain": "model.onnx"}
-# precision in the recipe -> the variant that serves it on the CPU (int8 comes from `trtrag build-engine`)
-PRECISIONS = {"fp32": "fused"}
 DEFAULT_VARIANT = "fused"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: SkipLayerNormalization split into Add + LayerNormalization (split_skip_layernorm)
@@ -59,28 +57,9 @@ UNFUSED = ["SkipLayerNormFusion"]
 
 # ---------------------------------------------------------------------------------------------- files
 
-@contextlib.contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path beside target; move it into place only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name, not mkstemp: the writer creates the file, so it gets the usual umask permissions.
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _file_record(path: Path) -> dict:
     st = path.stat()
-    return {"sha256": _sha256(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _file_matches(path: Path, record: dict | None) -> bool:
@@ -92,7 +71,7 @@ def _file_matches(path: Path, record: dict | None) -> bool:
         return False
     if st.st_mtime_ns == record.get("mtime_ns"):
         return True
-    return _sha256(path) == record.get("sha256")
+    return sha256_file(path) == record.get("sha256")
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -150,7 +129,7 @@ def export_onnx(model_dir: Path, out_path: Path) -> Exported:
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; failures still raise
         expected = module(*sample).numpy()
-        with _atomic_path(out_path) as tmp:
+        with atomic_path(out_path) as tmp:
             # dynamo=False: the TorchScript exporter's graph is the one ORT's BERT fusions recognise
             # (the dynamo export fuses no Attention and no EmbedLayerNormalization).
             torch.onnx.export(
@@ -198,7 +177,7 @@ def _fuse(src: Path, dst: Path, info: ModelInfo) -> dict[str, int]:
                                hidden_size=info.hidden_size)
     stats = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
     split_skip_layernorm(optimized.model)
-    with _atomic_path(dst) as tmp:
+    with atomic_path(dst) as tmp:
         optimized.save_model_to_file(str(tmp))
     return stats
 
@@ -324,7 +303,7 @@ def ensure_onnx(model_id: str, cache_dir: Path, variant: str = DEFAULT_VARIANT) 
             "default": DEFAULT_VARIANT,
             "export_seconds": round(time.perf_counter() - started, 2),
         }
-        with _atomic_path(cache_dir / MANIFEST) as tmp:
+        with atomic_path(cache_dir / MANIFEST) as tmp:
             tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return cache_dir / VARIANTS[variant]
 

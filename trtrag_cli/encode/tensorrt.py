@@ -30,7 +30,6 @@ from trtrag_cli.util.errors import TrtragError
 PLAN = "model.plan"
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT = "embeddings"
-PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
 FORMAT = 1
 
 

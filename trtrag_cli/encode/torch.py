@@ -28,8 +28,7 @@ from trtrag_cli.util.errors import TrtragError
 if TYPE_CHECKING:
     import numpy as np
 
-# precision in the recipe -> torch dtype name
-PRECISIONS = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# precision -> torch dtype name (which precisions torch serves: encode/registry.py PRECISIONS)
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SEQ_BUCKETS = (16, 32, 64, 128, 256)

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from trtrag_cli.encode.artifacts import ENGINES, FORMAT, MANIFEST, engine_dir
+from trtrag_cli.encode.artifacts import (
+    ENGINES,
+    FORMAT,
+    MANIFEST,
+    engine_dir,
+    resolve_recipe_backend,
+)
+from trtrag_cli.encode.registry import PRECISIONS
 from trtrag_cli.recipe.schema import Recipe
 from trtrag_cli.util import deps
 from trtrag_cli.util.errors import TrtragError
@@ -28,21 +35,7 @@ from trtrag_cli.util.timing import cycled
 from trtrag_cli.util.workspace import Workspace
 
 ORT_MODEL = "model.onnx"
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 TIMING_QUERIES = 64
-
-
-def resolve_engine_backend(backend: str, precision: str) -> str:
-    """auto: TensorRT where it and a GPU are present, torch on a GPU for float, else ONNX Runtime."""
-    from trtrag_cli.util.gpu import gpu_present
-
-    if backend != "auto":
-        return backend
-    if gpu_present() and deps.available("tensorrt"):
-        return "tensorrt"
-    if gpu_present() and precision in ("fp16", "bf16", "fp32"):
-        return "torch"
-    return "onnxruntime"
 
 
 def _ort_key(recipe: Recipe, source_sha: str, calibration_id: str | None) -> dict:
@@ -55,14 +48,12 @@ def _ort_key(recipe: Recipe, source_sha: str, calibration_id: str | None) -> dic
 
 def run_build_engine(recipe: Recipe, precision: str, backend: str = "auto", progress=None) -> dict:
     """Build the engine for precision on backend; returns its manifest (plus `path`)."""
-    if precision not in PRECISIONS:
-        raise TrtragError(f"unknown precision {precision!r}", "use --int8, --fp16 or --fp32")
-    name = resolve_engine_backend(backend, precision)
-    builders = {"onnxruntime": _build_ort, "tensorrt": _build_tensorrt, "torch": _build_torch}
-    if name not in builders:
-        raise TrtragError(f"unknown engine backend {name!r}", "use auto, tensorrt, onnxruntime or torch")
     from trtrag_cli.engine.tensorrt import profile_shapes
 
+    # The resolver that index, ask and serve load with: auto builds the engine they will then pick.
+    choice = resolve_recipe_backend(recipe, backend, precision, building=True)
+    name = choice.backend
+    builders = {"onnxruntime": _build_ort, "tensorrt": _build_tensorrt, "torch": _build_torch}
     profile_shapes(recipe)  # impossible shapes fail here, on every backend, before any work
     ws = Workspace(recipe.workspace_dir())
     started = time.perf_counter()
@@ -71,7 +62,7 @@ def run_build_engine(recipe: Recipe, precision: str, backend: str = "auto", prog
         manifest.update({"precision": precision, "recipe": recipe.to_dict(),
                          "build_seconds": round(time.perf_counter() - started, 1)})
         if backend == "auto":
-            manifest["picked_by_auto"] = name
+            manifest.update(picked_by_auto=name, why=choice.why)
         write_json(out / MANIFEST, manifest)
     manifest["path"] = str(engine_dir(recipe, name, precision))
     return manifest
@@ -81,14 +72,12 @@ def _build_ort(recipe: Recipe, precision: str, out: Path, progress) -> dict:
     from trtrag_cli.encode.artifacts import encoder_cache
     from trtrag_cli.encode.onnxruntime import cache_folder, ensure_onnx
 
+    if precision == "int8":
+        return _build_ort_int8(recipe, out, progress)
     cache = cache_folder(encoder_cache(recipe), recipe.encoder.model)
-    if precision == "fp32":
-        source = ensure_onnx(recipe.encoder.model, cache, "fused")
-        _save_optimised(source, out / ORT_MODEL)
-        return {**_ort_key(recipe, sha256_file(source), None), "form": "fp32-fused", "file": ORT_MODEL}
-    if precision != "int8":
-        raise TrtragError(f"the onnxruntime engine has no {precision}", "use --int8 or --fp32 on the CPU")
-    return _build_ort_int8(recipe, out, progress)
+    source = ensure_onnx(recipe.encoder.model, cache, PRECISIONS["onnxruntime"][precision])
+    _save_optimised(source, out / ORT_MODEL)
+    return {**_ort_key(recipe, sha256_file(source), None), "form": "fp32-fused", "file": ORT_MODEL}
 
 
 def _build_ort_int8(recipe: Recipe, out: Path, progress) -> dict:
@@ -96,7 +85,12 @@ def _build_ort_int8(recipe: Recipe, out: Path, progress) -> dict:
     import onnx
 
     from trtrag_cli.calibrate import gate, qdq, smooth
-    from trtrag_cli.encode.artifacts import HOLDOUT, QDQ_MODEL, SMOOTHING, load_calibration
+    from trtrag_cli.encode.artifacts import (
+        HOLDOUT,
+        QDQ_MODEL,
+        SMOOTHING,
+        load_calibration,
+    )
     from trtrag_cli.encode.models import model_info
     from trtrag_cli.engine import ort_static as cpu
 
@@ -224,24 +218,17 @@ def _build_tensorrt(recipe: Recipe, precision: str, out: Path, progress) -> dict
 
 def _build_torch(recipe: Recipe, precision: str, out: Path, progress) -> dict:
     from trtrag_cli.encode.artifacts import encoder_cache
-    from trtrag_cli.encode.torch import PRECISIONS as TORCH_PRECISIONS
     from trtrag_cli.encode.torch import open_encoder
     from trtrag_cli.util.gpu import gpu_present
 
     if not gpu_present():
         raise TrtragError("the torch engine needs a CUDA GPU and none is visible",
                           "use --backend onnxruntime on this machine")
-    if precision not in TORCH_PRECISIONS:
-        raise TrtragError(f"the torch engine has no {precision}", "use --fp16 or --bf16")
     enc = recipe.encoder
     with open_encoder(enc.model, encoder_cache(recipe), max_tokens=enc.max_tokens,
-                      variant=TORCH_PRECISIONS[precision]) as encoder:
+                      variant=PRECISIONS["torch"][precision]) as encoder:
         warm = encoder.warmup()
     import torch
 
     return {"format": FORMAT, "backend": "torch", "model": enc.model, "warmup": warm,
             "gpu": torch.cuda.get_device_name(), "versions": library_versions(("torch", "transformers"))}
-
-
-# ----------------------------------------------------------------------------------------------- load
-

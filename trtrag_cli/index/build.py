@@ -13,9 +13,8 @@ from typing import Callable
 import numpy as np
 
 from trtrag_cli.corpus.chunking import index_text
-from trtrag_cli.encode.artifacts import open_recipe_encoder
+from trtrag_cli.encode.artifacts import open_recipe_encoder, resolve_recipe_backend
 from trtrag_cli.encode.models import chunk_tokenizer
-from trtrag_cli.encode.registry import resolve_backend
 from trtrag_cli.recipe.schema import Recipe, dump_recipe
 from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.files import library_versions, read_json, write_json
@@ -25,8 +24,8 @@ MANIFEST = "manifest.json"
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
-def load_manifest(gen: Path) -> dict:
-    """The manifest of an index generation."""
+def load_index_manifest(gen: Path) -> dict:
+    """An index generation's manifest.json (what was indexed, with which encoder and settings)."""
     return read_json(gen / MANIFEST)
 
 
@@ -47,7 +46,7 @@ def follow_index(recipe: Recipe) -> str | None:
     gen = Workspace(recipe.workspace_dir()).current_index()
     if gen is None or not (gen / MANIFEST).is_file():
         return None
-    built = load_manifest(gen).get("encoder", {})
+    built = load_index_manifest(gen).get("encoder", {})
     backend, precision = built.get("backend"), built.get("precision")
     if backend is None or precision is None:
         return None
@@ -83,7 +82,7 @@ def _previous(ws: Workspace, recipe: Recipe, encoder_name: str, notes: list[str]
     gen = ws.current_index()
     if gen is None:
         return None, None, {}
-    manifest = load_manifest(gen)
+    manifest = load_index_manifest(gen)
     why = _compatible(manifest, recipe, encoder_name)
     if why:
         notes.append(f"full rebuild: {why}")
@@ -128,8 +127,9 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
     notes: list[str] = []
     entries, report = scan([Path(p) for p in paths], tuple(recipe.corpus.extensions),
                            int(recipe.corpus.max_file_mb * 1024 * 1024))
-    backend = resolve_backend(recipe.encoder.backend, recipe.encoder.precision)
-    with ws.lock(), open_recipe_encoder(recipe, ws) as encoder:
+    choice = resolve_recipe_backend(recipe)
+    backend = choice.backend
+    with ws.lock(), open_recipe_encoder(recipe, ws, choice=choice) as encoder:
         prev_gen, prev_store, prev_files = _previous(ws, recipe, encoder.name, notes)
         current = {e.key: e for e in entries}
         unchanged = {k for k, e in current.items() if prev_files.get(k, {}).get("sha256") == e.sha256}
@@ -221,7 +221,7 @@ def _update_vectors(recipe: Recipe, dim: int, prev_gen, prev_store, kept_rows, s
     def shape(cfg: dict) -> dict:  # the settings that change what is built; search-time ones do not
         return {k: cfg.get(k) for k in BUILD_FIELDS}
 
-    same_cfg = prev_gen is not None and shape(load_manifest(prev_gen).get("index") or {}) == shape(recipe.index.model_dump())
+    same_cfg = prev_gen is not None and shape(load_index_manifest(prev_gen).get("index") or {}) == shape(recipe.index.model_dump())
     vindex = None
     if same_cfg and recipe.index.kind != "hnsw" and (prev_gen / "vectors.faiss").is_file():
         vindex = VectorIndex.load(prev_gen / "vectors.faiss", recipe.index, dim, device=False)

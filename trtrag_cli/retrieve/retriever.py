@@ -67,33 +67,49 @@ def fuse(mode: str, dense_rows: np.ndarray, lex_scores: np.ndarray | None, query
     return cand[order], fused[order]
 
 
+def check_built_with(manifest: dict, encoder_name: str, recipe: Recipe) -> None:
+    """Refuse to query an index with another encoder than the one that built it."""
+    from trtrag_cli.index.build import reindex_command
+
+    built_with = manifest.get("encoder", {}).get("name")
+    if built_with != encoder_name:
+        raise TrtragError(f"the index was built with encoder '{built_with}' but queries would be encoded "
+                          f"by '{encoder_name}'",
+                          f"re-index with this recipe: {reindex_command(recipe)}")
+
+
+def open_stores(recipe: Recipe, gen: Path, manifest: dict):
+    """(chunk store, vector index, BM25 index) of an index generation, as the recipe searches them."""
+    from trtrag_cli.index.bm25 import LexicalIndex
+    from trtrag_cli.index.chunks import ChunkStore
+    from trtrag_cli.index.vectors import VectorIndex
+
+    store = ChunkStore.load(gen)
+    vindex = VectorIndex.load(gen / "vectors.faiss", recipe.index, manifest["encoder"]["dim"])
+    return store, vindex, LexicalIndex.load(gen / "bm25", recipe.lexical)
+
+
 class Retriever:
     """Holds the encoder, the vector index, the BM25 index and the chunk store of one workspace."""
 
     def __init__(self, recipe: Recipe, encoder=None):
         from trtrag_cli.encode.artifacts import open_recipe_encoder
-        from trtrag_cli.index.bm25 import LexicalIndex
-        from trtrag_cli.index.build import follow_index, load_manifest, reindex_command
-        from trtrag_cli.index.chunks import ChunkStore
-        from trtrag_cli.index.vectors import VectorIndex
+        from trtrag_cli.index.build import follow_index, load_index_manifest
 
         self.recipe = recipe
         ws = Workspace(recipe.workspace_dir())
         gen = ws.require_index()
         if encoder is None:
             follow_index(recipe)
-        self.manifest = load_manifest(gen)
+        self.manifest = load_index_manifest(gen)
         self.encoder = encoder or open_recipe_encoder(recipe, ws)
         self._owns_encoder = encoder is None
-        built_with, query_encoder = self.manifest["encoder"]["name"], self.encoder.name
-        if built_with != query_encoder:
+        try:
+            check_built_with(self.manifest, self.encoder.name, recipe)
+            self.store, self.vindex, self.lexical = open_stores(recipe, gen, self.manifest)
+        except BaseException:
             self.close()
-            raise TrtragError(f"the index was built with encoder '{built_with}' but queries would be encoded "
-                              f"by '{query_encoder}'",
-                              f"re-index with this recipe: {reindex_command(recipe)}")
-        self.store = ChunkStore.load(gen)
-        self.vindex = VectorIndex.load(gen / "vectors.faiss", recipe.index, self.manifest["encoder"]["dim"])
-        self.lexical = LexicalIndex.load(gen / "bm25", recipe.lexical)
+            raise
         self.generation = Path(gen)
 
     def __enter__(self) -> "Retriever":

@@ -1,4 +1,9 @@
-"""What GPUs this machine has, asked once in one place."""
+"""What GPUs this machine has, asked in one place.
+
+torch_gpu_count (and gpu_present from it): CUDA devices torch can run on, what the encoders, the exact
+search and the generators use. gpu_count: GPUs faiss-gpu can use. gpus(): what nvidia-smi lists (name,
+memory, driver) for reports, without importing torch.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,18 @@ from pathlib import Path
 from trtrag_cli.util.deps import available
 
 
-def gpu_present() -> bool:
-    """Whether torch sees a CUDA GPU; machines without NVIDIA device nodes never import torch to ask."""
+def torch_gpu_count() -> int:
+    """CUDA devices PyTorch sees (0 without torch or a GPU; without NVIDIA device nodes torch is not imported)."""
     if not any(Path("/dev").glob("nvidia[0-9]*")) or importlib.util.find_spec("torch") is None:
-        return False
+        return 0
     import torch
 
-    return bool(torch.cuda.is_available())
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_present() -> bool:
+    """Whether torch sees a CUDA GPU: the probe the encoders and generators decide by."""
+    return torch_gpu_count() > 0
 
 
 def gpu_count() -> int:
@@ -27,15 +37,6 @@ def gpu_count() -> int:
     import faiss
 
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-
-
-def torch_gpu_count() -> int:
-    """CUDA devices PyTorch sees (0 without torch or a GPU; without NVIDIA device nodes torch is not imported)."""
-    if not gpu_present():
-        return 0
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def gpus() -> list[dict]:
