@@ -1,4 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
+# Each has its own install stamp: the demo needs only the `cpu` extra (and the CPU torch that exports the
+# encoder once); the tests add the `dev` extra (pytest, triton, sentence-transformers, matplotlib, ...).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,6 +15,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[cpu]'
+	touch $@
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[cpu,dev]'
@@ -20,7 +27,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-demo: install
+demo: $(VENV)/.installed-demo
 	$(BIN)/trtrag index examples/corpus
 	$(BIN)/trtrag ask "$(DEMO_Q)"
 
@@ -48,7 +55,7 @@ bench-cpu: install
 bench-int8: install
 	$(BIN)/python benchmarks/int8_engine.py --workspace $(WS) --docs data/known-items/corpus/docs.jsonl \
 		--calibration data/known-items/calibration.txt --queries data/known-items/queries.jsonl \
-		--out benchmarks/results/int8-engine-cpu.json
+		--out bench-int8.json
 
 clean:
 	rm -rf .trtrag .pytest_cache

@@ -4,15 +4,17 @@ Speed does not depend on weight values, so the model is built on the GPU with ra
 baseline script does the same). Prints and writes JSON: TTFT (prefill and the first token, through the
 backend's generate with one new token) at 512/1024/2048 prompt tokens, and decode tokens/s at batch 1
 and 8 (128 new tokens after a 1024-token prompt, minus that prompt's TTFT), per variant
-(trtrag_cli/bench.py bench_generation, which `trtrag bench --generate` runs on the recipe's generator):
-  kernels         our decode loop (generators/graph_decode.py), CUDA graphs, its Triton decode kernels
-                  (generators/decode_kernels.py) over 12-bit packed matrices and the compiled prefill: what a
-                  recipe runs by default
+(trtrag_cli/bench/run.py bench_generation, which `trtrag bench --generate` runs on the recipe's generator):
+  kernels         our decode loop (generate/decode/graph.py), CUDA graphs, its Triton decode kernels
+                  (generate/decode/kernels.py) over 12-bit packed matrices (answer.generator.pack_weights: true) and
+                  the compiled prefill
   kernels_unpacked  the same reading the bf16 matrices themselves (answer.generator.pack_weights: false)
   graph           our decode loop with torch layer functions, eager (answer.generator.compile: false, kernels: false)
   graph_compiled  the same with its layer functions compiled (answer.generator.compile: true, kernels: false)
   static          transformers' generate with its static cache (answer.generator.decode: transformers)
   dynamic         transformers' generate with its default dynamic cache
+Both kernel variants set answer.generator.deterministic: false, as every recorded run did (true costs
+~0.2% a step).
 Run it in the same device call as ../shared/device/baselines/llm_baseline.py.
 
 Usage: python benchmarks/gpu_generation.py --tokenizer DIR [--layers 40] [--variants graph,static] [--out F]
@@ -120,36 +122,6 @@ def step_loop_ms(dec, graph, steps: int = 64, position: int = 1024) -> float:
     return start.elapsed_time(end) / steps
 
 
-def edited_kernels(name: str, edits: dict, appended: str = ""):
-    """decode_kernels compiled from a copy of its source in which, within each function named in edits, each
-    (old, new) text is replaced (old must be there), with `appended` source at the end: how the probes time a
-    changed kernel without changing the product."""
-    import importlib.util
-    import inspect
-    import os
-    import tempfile
-
-    from trtrag_cli.generate.decode import kernels as decode_kernels
-
-    source = inspect.getsource(decode_kernels)
-    for function, replacements in edits.items():
-        start = source.index(f"def {function}(")
-        end = source.find("\n@triton.jit", start)
-        end = len(source) if end < 0 else end
-        body = source[start:end]
-        for old, new in replacements:
-            assert old in body, f"{function} no longer has {old!r}: update the probe"
-            body = body.replace(old, new)
-        source = source[:start] + body + source[end:]
-    path = os.path.join(tempfile.mkdtemp(), f"decode_kernels_{name}.py")
-    with open(path, "w") as f:
-        f.write(source + appended)
-    spec = importlib.util.spec_from_file_location(f"decode_kernels_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def step_rounds(dec, owner, attribute: str, variants: dict, save_as: str, rounds: int = 7, layers: int = 40,
                 steps: int = 64, watch: bool = False) -> dict:
     """The probes' side-by-side comparison after a 1024-token prompt: ms per step of each variant's captured
@@ -246,8 +218,11 @@ def main() -> None:
             decode_kernels.ATTENTION.update(zip(("programs_per_sm", "block", "warps"), best))
         report["tiles"] = {str(k): v for k, v in decode_kernels.TILES.items()}
         report["attention"] = dict(decode_kernels.ATTENTION)
-    settings = {"kernels": {"decode": "graph", "compile": True},
-                "kernels_unpacked": {"decode": "graph", "compile": True, "pack_weights": False},
+    # the kernel variants name pack_weights and deterministic, so that they measure the same thing whatever
+    # the recipe's defaults are (docs/benchmarks.md's figures were taken with these settings)
+    settings = {"kernels": {"decode": "graph", "compile": True, "pack_weights": True, "deterministic": False},
+                "kernels_unpacked": {"decode": "graph", "compile": True, "pack_weights": False,
+                                     "deterministic": False},
                 "graph": {"decode": "graph", "kernels": False},
                 "graph_compiled": {"decode": "graph", "compile": True, "kernels": False},
                 "static": {"decode": "transformers", "static_cache": True},

@@ -1,7 +1,7 @@
 """GPU search: PyTorch exact search and the faiss-gpu placements, against faiss on the CPU.
 
 Marked `gpu`; each skips with the reason where its GPU library is absent. On the lent GPU machine
-faiss-gpu comes from ../shared/device/faiss-gpu (see README: what was run where).
+faiss-gpu comes from ../shared/device/faiss-gpu (see docs/gpu.md: what was run where).
 """
 
 from __future__ import annotations

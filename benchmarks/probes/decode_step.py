@@ -12,7 +12,8 @@ Run 19 compared an L2 prefetch of each attention program's run before its wait (
 blocks of 32) with the plain kernel; run 20 the greedy token taken in the head kernel, and register caps;
 run 28 answer.generator.deterministic (down without K splits); runs 32 and 35 a second weight tile or cache block loaded
 before the PDL wait, runs 34 and 36 the step's kernels waiting for each other through counters of finished
-programs rather than PDL's grid wait (changes to the kernels since removed: results/gpu-generation-h200/README.md).
+programs rather than PDL's grid wait (kernel changes that were not kept: docs/benchmarks.md, "Tried and dropped").
+Every variant sets GraphDecoder.deterministic itself (plain: False, as in the recorded runs).
 Usage: OUT=dir PYTHONPATH=$PWD python benchmarks/probes/decode_step.py --tokenizer DIR [--tiles F]
 """
 import argparse

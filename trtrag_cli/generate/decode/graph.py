@@ -19,8 +19,8 @@ tok/s. With `kernels` (and triton, which torch's CUDA wheels bring), a one-row s
 decode_kernels instead: five Triton kernels a layer, norms and RoPE folded in, the residual stream in
 float32, attention reading only the positions so far, and for greedy decoding no other kernels (the token's
 embedding and the argmax are read and taken inside them): 150-155 tok/s on H200 cards, 110 on an H100
-(README, "Generation on the GPU"). Batches of two or more rows use the torch layer functions. On the CPU
-the same code runs without graphs; tests compare it with transformers token for token.
+(docs/benchmarks.md, "Generation: Llama-2-13B shape"). Batches of two or more rows use the torch layer
+functions. On the CPU the same code runs without graphs; tests compare it with transformers token for token.
 """
 
 from __future__ import annotations

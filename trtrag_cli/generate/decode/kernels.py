@@ -24,7 +24,7 @@ the activations many times). On Hopper the kernels use programmatic dependent la
 starts loading its weights (or older cache positions) while the previous one finishes, then waits for
 it before reading its output. bf16 matrices can be read from lossless 12-bit copies instead (`Packed`,
 `_packed_kernel`): 1.5 bytes a weight where the step is bound by reading them. H200 and H100 figures are in
-the README ("Generation on the GPU").
+docs/benchmarks.md ("Generation: Llama-2-13B shape").
 
 Imported only when a CUDA GPU and triton are present (graph_decode.GraphDecoder). Under
 TRITON_INTERPRET=1 the same kernels run on the CPU, which is how the tests check them against torch
