@@ -67,8 +67,8 @@ class Cli:
             assert result.exit_code != 0, result.output
         return result
 
-    def json(self, *args: str):
-        result = self(*args, "--json")
+    def json(self, *args: str, ok: bool | None = True):
+        result = self(*args, "--json", ok=ok)
         return json.loads(result.stdout)
 
 

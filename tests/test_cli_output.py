@@ -24,7 +24,7 @@ def _one_line_error(result) -> str:
 def test_ask_top_k_out_of_range_names_the_option(cli, make_recipe, value):
     res = cli("ask", "anything", "-k", value, "--recipe", make_recipe(), ok=False)
     err = _one_line_error(res)
-    assert res.exit_code == 2 and err.startswith(f"error: --top-k {value}:") and "must be positive" in err
+    assert res.exit_code == 2 and err.startswith(f"error: --top-k {value}:") and "greater than or equal to 1" in err
 
 
 def test_ask_unknown_mode_lists_the_valid_ones_on_one_unwrapped_line(cli, make_recipe):
@@ -39,9 +39,9 @@ def test_bad_option_values_of_other_commands(cli, make_recipe):
     res = cli("bench", "--vectors", "100", "--dim", "8", "--batch", "1,0", ok=False)
     assert res.exit_code == 2 and "--batch values must be at least 1" in _one_line_error(res)
     res = cli("calibrate", "--batch-size", "0", "--recipe", make_recipe(), ok=False)
-    assert res.exit_code == 2 and "--batch-size 0: calibrate.batch_size must be positive" in _one_line_error(res)
+    assert res.exit_code == 2 and "--batch-size 0: calibrate.batch_size must be greater than or equal to 1024" in _one_line_error(res)
     res = cli("calibrate", "--method", "median", "--recipe", make_recipe(), ok=False)
-    assert res.exit_code == 2 and "'entropy', 'percentile', 'max'" in _one_line_error(res)
+    assert res.exit_code == 2 and "'entropy', 'percentile' or 'max'" in _one_line_error(res)
     res = cli("eval", "--queries", "q.jsonl", "--modes", "bm25,fuzzy", "--recipe", make_recipe(), ok=False)
     assert res.exit_code == 2 and "hybrid, rrf, bm25, dense" in _one_line_error(res)
     res = cli("serve", "--port", "70000", "--recipe", make_recipe(), ok=False)
@@ -50,7 +50,7 @@ def test_bad_option_values_of_other_commands(cli, make_recipe):
 
 def test_recipe_errors_stay_exit_1(cli, make_recipe):
     res = cli("ask", "anything", "--set", "retrieve.top_k=0", "--recipe", make_recipe(), ok=False)
-    assert res.exit_code == 1 and "retrieve.top_k must be positive" in _one_line_error(res)
+    assert res.exit_code == 1 and "retrieve.top_k must be greater than or equal to 1" in _one_line_error(res)
 
 
 def test_eval_help_keeps_its_brackets(cli, monkeypatch):
@@ -68,10 +68,12 @@ def test_version(cli):
 
 
 def test_doctor_result_on_stdout_unwrapped(cli, make_recipe):
+    """With no index yet, doctor still prints its report on stdout, then says on stderr what ask lacks."""
     recipe = make_recipe()
-    report = cli.json("doctor", "--recipe", recipe)
-    res = cli("doctor", "--recipe", recipe)
-    assert "stages" in res.stdout and "libraries" in res.stdout and res.stderr.strip() == ""
+    report = cli.json("doctor", "--recipe", recipe, ok=False)
+    res = cli("doctor", "--recipe", recipe, ok=False)
+    assert res.exit_code == 1 and "stages" in res.stdout and "libraries" in res.stdout
+    assert res.stderr.startswith("error: index: no index") and res.stderr.count("error:") == 1
     lines = res.stdout.splitlines()
     for stage in report["stages"].values():  # each reason whole on one line, brackets included
         assert any(stage["why"] in line for line in lines), stage["why"]
@@ -154,7 +156,8 @@ def test_piped_subprocess_streams(make_recipe):
     recipe = make_recipe()
     ok = subprocess.run([sys.executable, "-m", "trtrag_cli", "doctor", "--recipe", str(recipe)],
                         capture_output=True, text=True, cwd=ROOT)
-    assert ok.returncode == 0 and "stages" in ok.stdout and max(map(len, ok.stdout.splitlines())) > 80
+    assert ok.returncode == 1 and "stages" in ok.stdout and max(map(len, ok.stdout.splitlines())) > 80
+    assert ok.stderr.startswith("error: index: no index")  # doctor's verdict: ask has nothing to search
     bad = subprocess.run([sys.executable, "-m", "trtrag_cli", "ask", "q", "-k", "-1", "--recipe", str(recipe)],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: --top-k -1")

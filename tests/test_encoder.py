@@ -188,7 +188,7 @@ def test_export_check_rejects_drift(cache_root):
 
 
 def test_backend_table_errors(tmp_path):
-    with pytest.raises(TrtragError, match="runs a plan built by build-engine"):
+    with pytest.raises(TrtragError, match="from a built engine only"):
         open_encoder(MODEL, "tensorrt", tmp_path)
     with pytest.raises(TrtragError, match="unknown encoder backend"):
         open_encoder(MODEL, "nope", tmp_path)

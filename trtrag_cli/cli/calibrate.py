@@ -23,6 +23,9 @@ def calibrate(queries: Optional[Path] = typer.Option(None, "--queries", "-q", he
                                                        "(calibrate.max_iterations; also caps min_iterations)."),
               eval_file: Optional[Path] = typer.Option(None, "--eval", help="queries.jsonl for the recall gate."),
               strict: bool = typer.Option(False, "--strict", help="Exit 1 when INT8 cannot meet the gate."),
+              trt_version: Optional[str] = typer.Option(None, "--trt-version", help="Also write calibration.cache "
+                                                        "for this TensorRT (<= 10, e.g. 10.16.1) on the target "
+                                                        "machine; default: the TensorRT installed here, if any."),
               recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
               as_json: bool = JsonOpt) -> None:
     """INT8 calibration on domain queries: ranges, Q/DQ ONNX, TensorRT cache, and the accuracy gate."""
@@ -47,7 +50,8 @@ def calibrate(queries: Optional[Path] = typer.Option(None, "--queries", "-q", he
                          f"{event['seconds']:.1f} s, peak RSS {event['peak_rss_mib']} MiB")
             progress.update("calibrate", event["iteration"], total, plain=False)
 
-        report = run_calibrate(cfg, queries, None, None, iterations, strict, eval_file, report_event)
+        report = run_calibrate(cfg, queries, None, None, iterations, strict, eval_file, report_event,
+                               trt_version=trt_version)
     if as_json:
         emit_json(report)
         return
@@ -66,4 +70,9 @@ def calibrate(queries: Optional[Path] = typer.Option(None, "--queries", "-q", he
     for name in g["kept_float"]:
         out.print(f"  kept in float: {name} (alone it lost {g['sensitivity'][name]:.5f} cosine)", markup=False)
     out.print(f"wrote {report['path']}", markup=False)
+    cache = report.get("trt_cache") or {}
+    if cache.get("file"):
+        out.print(f"wrote {cache['file']} for TensorRT {cache['version']} ({cache['source']})", markup=False)
+    elif cache.get("skipped"):
+        err.print(f"note: no calibration.cache: {cache['skipped']}", markup=False)
     print_warnings(err, report["warnings"])

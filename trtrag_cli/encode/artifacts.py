@@ -56,7 +56,7 @@ def open_recipe_encoder(recipe: Recipe, ws: Workspace | None = None, choice: Cho
     choice = choice or resolve_recipe_backend(recipe)
     if choice.engine:
         return open_engine_encoder(recipe, choice.backend)
-    return open_encoder(enc.model, choice.backend, encoder_cache(recipe), threads=enc.threads,
+    return open_encoder(enc.model, choice.backend, encoder_cache(recipe), threads=enc.threads or 0,
                         max_tokens=enc.max_tokens, precision=enc.precision)
 
 

@@ -135,7 +135,7 @@ def open_encoder(model_id: str, backend: str, cache_dir: Path, threads: int = 0,
     choice = resolve_backend(backend, precision, facts)
     if choice.engine:
         raise TrtragError(f"the {choice.backend} encoder serves {precision} from a built engine only",
-                          f"run: trtrag build-engine --{precision} --backend {choice.backend}, then use a recipe")
+                          f"run trtrag build-engine --{precision} --backend {choice.backend}; index and ask then load it")
     module = importlib.import_module(BACKENDS[choice.backend])
     return module.open_encoder(model_id, Path(cache_dir), threads=threads, max_tokens=max_tokens,
                                variant=PRECISIONS[choice.backend][precision])
