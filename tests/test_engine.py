@@ -13,6 +13,7 @@ from trtrag_cli.util import deps
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "calibration" / "corvane.txt"
+EXAMPLES = ROOT / "examples" / "corpus"  # `index --set encoder.precision=int8` opens the engine before all else
 QUESTION = "Can I get an advance replacement for a faulty TH-50 sensor?"
 
 
@@ -148,7 +149,7 @@ def test_engine_from_another_onnxruntime_version_is_refused(chain, cli):
     data = json.loads(manifest.read_text())
     data["versions"]["onnxruntime"] = "1.0.0"
     manifest.write_text(json.dumps(data))
-    err = _one_line_error(cli("ask", QUESTION, "--recipe", chain["recipe"], "--set", "encoder.precision=int8",
+    err = _one_line_error(cli("index", EXAMPLES, "--recipe", chain["recipe"], "--set", "encoder.precision=int8",
                               ok=False))
     assert "1.0.0" in err and "trtrag build-engine --int8 --backend onnxruntime" in err
 
@@ -157,11 +158,11 @@ def test_engine_for_another_model_or_calibration_is_refused(chain, cli):
     folder = chain["ws"] / "engines" / "onnxruntime-int8"
     data = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**data, "calibration": "0123456789ab"}))
-    err = _one_line_error(cli("ask", QUESTION, "--recipe", chain["recipe"], "--set", "encoder.precision=int8",
+    err = _one_line_error(cli("index", EXAMPLES, "--recipe", chain["recipe"], "--set", "encoder.precision=int8",
                               ok=False))
     assert "calibration 0123456789ab" in err and "build-engine --int8" in err
     (folder / "manifest.json").write_text(json.dumps({**data, "model": "another-model"}))
-    err = _one_line_error(cli("ask", QUESTION, "--recipe", chain["recipe"], "--set", "encoder.precision=int8",
+    err = _one_line_error(cli("index", EXAMPLES, "--recipe", chain["recipe"], "--set", "encoder.precision=int8",
                               ok=False))
     assert "another-model" in err and "build-engine --int8" in err
 
@@ -249,11 +250,11 @@ def test_doctor_reports_whether_the_int8_engine_is_usable(built, cli, make_recip
     enc = rep["stages"]["encoder"]
     assert not enc["ok"] and "trtrag build-engine --int8" in enc["engine"]["status"]
     assert any(p.startswith("encoder: no onnxruntime int8 engine") for p in rep["problems"])
-    rep = cli.json("doctor", "--recipe", built["recipe"], "--set", "encoder.precision=int8")
+    rep = cli.json("doctor", "--recipe", built["recipe"], "--set", "encoder.precision=int8", ok=False)
     enc = rep["stages"]["encoder"]
     assert enc["engine"]["ok"] and enc["engine"]["gate"]["mean_cosine"] >= 0.99
     # The engine is usable, but this workspace's index is FP32: asking for INT8 explicitly is a mismatch.
-    assert not enc["ok"] and "asks for encoder.precision int8" in enc["why"]
+    assert not enc["ok"] and "asks for encoder.precision int8" in enc["problem"]
 
 
 def test_recall_gate_skips_eval_queries_of_another_corpus(chain, tmp_path):

@@ -133,7 +133,7 @@ def test_name_protocol_and_no_graphs_on_cpu(encoder):
 def test_fp16_on_cpu_is_a_user_error(cache_root):
     with pytest.raises(TrtragError, match="fp32 on the CPU"):
         torchenc.open_encoder(MODEL, cache_root, variant="fp16", device="cpu")
-    with pytest.raises(TrtragError, match="no int8 engine"):
+    with pytest.raises(TrtragError, match="the torch encoder has no int8"):
         open_any(MODEL, "torch", cache_root, precision="int8")
     if not torch.cuda.is_available():  # the default device is then the CPU
         with pytest.raises(TrtragError, match="fp32 on the CPU"):

@@ -18,7 +18,20 @@ LIBRARIES = ("numpy", "onnxruntime", "onnx", "faiss-cpu", "faiss-gpu", "bm25s", 
 def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
     """Backend per stage with the reason it was chosen; the encoder and the index are opened as `ask` opens
     them, and a stage that would fail carries `problem` (one line) and ok False."""
+    from trtrag_cli.index.build import follow_index
+
+    try:  # the encoder an existing index needs, as ask follows it
+        followed, conflict = follow_index(recipe), None
+    except TrtragError as exc:
+        followed, conflict = None, exc
     encoder_st, encoder = encoder_stage(recipe)
+    if followed:
+        encoder_st["why"] = f"{followed} (encoder.backend auto or encoder.precision unset)"
+    if conflict:  # ask stops here, before opening anything; the index stage need not say it again
+        encoder_st.update(ok=False, problem=_line(conflict))
+        if encoder is not None:
+            encoder.close()
+        encoder = None
     try:
         index_st = index_stage(recipe, encoder)
     finally:
@@ -185,18 +198,8 @@ def generator_params(recipe: Recipe) -> float | None:
 def run_doctor(recipe: Recipe) -> dict:
     """Everything `trtrag doctor` reports, as plain data; `problems` holds one line for each stage that would
     make `ask` fail (the command exits non-zero when there is any)."""
-    from trtrag_cli.index.build import follow_index
-
     gpu_list = gpus()
-    try:  # the encoder an existing index needs, as ask would follow it
-        followed, conflict = follow_index(recipe), None
-    except TrtragError as exc:
-        followed, conflict = None, exc
     stages = resolve_stages(recipe, gpu_list)
-    if followed:
-        stages["encoder"]["why"] += f"; {followed}"
-    if conflict:
-        stages["encoder"].update(ok=False, problem=_line(conflict))
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -9,10 +9,14 @@ from typing import List, Optional
 
 import typer
 
-from trtrag_cli.cli.common import JsonOpt, RecipeOpt, SetOpt, command, emit_json, load
+from trtrag_cli.cli.common import JsonOpt, RecipeOpt, SetOpt, VersionOpt, command, emit_json, load
 
-app = typer.Typer(no_args_is_help=True, help="Show the resolved recipe or its JSON Schema.",
-                  context_settings={"help_option_names": ["-h", "--help"]})
+app = typer.Typer(no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.callback()
+def _group(version: bool = VersionOpt) -> None:
+    """Show the resolved recipe or its JSON Schema."""
 
 
 @app.command("show")
