@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_valid
 
 from trtrag_cli.recipe.sections import (  # noqa: F401  (re-exported: callers import sections from here)
     ENCODER_PRECISIONS, GENERATOR_BACKENDS, AnswerConfig, CalibrateConfig, ChunkingConfig, CorpusConfig, EncoderConfig,
-    EngineConfig, ExtractiveGenerator, IndexConfig, LexicalConfig, OpenAIGenerator, RetrieveConfig, Sampling,
+    EngineConfig, ExtractiveGenerator, IndexConfig, LexicalConfig, OpenAIGenerator, RetrieveConfig, Sampling, ServeConfig,
     Section, TensorRTLLMGenerator, TransformersGenerator,
 )
 from trtrag_cli.util.errors import TrtragError
@@ -40,6 +40,7 @@ class Recipe(Section):
     answer: AnswerConfig = Field(default_factory=AnswerConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     _source: str = PrivateAttr("<defaults>")
 
     @field_validator("name")

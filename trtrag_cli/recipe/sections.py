@@ -246,3 +246,25 @@ class EngineConfig(Section):
             raise ValueError(f"engine profile must satisfy min <= opt <= max (batch {self.min_batch}/"
                              f"{self.opt_batch}/{self.max_batch}, tokens {self.min_tokens}/{self.opt_tokens})")
         return self
+
+
+class ServeConfig(Section):
+    """`trtrag serve`: limits, batching and logging of the HTTP service."""
+
+    host: str = Field("127.0.0.1", min_length=1, description=(
+        "Address to listen on; 127.0.0.1 keeps it on this machine, 0.0.0.0 opens it to the network."))
+    port: int = Field(8000, ge=0, le=65535, description="Port; 0 picks a free one (printed at start).")
+    api_key_env: str = Field("TRTRAG_API_KEY", min_length=1, description=(
+        "Environment variable holding the API key (--api-key overrides); unset = no auth."))
+    max_body_mb: float = Field(2.0, gt=0, description="Largest request body; larger ones get 413.")
+    max_concurrent: int = Field(64, ge=1, description="Requests worked on at once; more wait in the queue.")
+    max_queued: int = Field(256, ge=0, description="Requests waiting beyond max_concurrent; past it 429 with Retry-After.")
+    timeout_s: float = Field(120.0, gt=0, description="Per-request limit; past it 504 and the work is cancelled.")
+    drain_s: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight requests may finish.")
+    access_log: Literal["text", "json", "off"] = Field("text", description="Access log on stderr: text, json or off.")
+    retrieve_max_batch: int = Field(32, ge=1, description=(
+        "Concurrent questions encoded and searched together: larger batches, more throughput under load."))
+    retrieve_max_wait_ms: float = Field(2.0, ge=0, description=(
+        "How long the first question of a batch waits for others; 0 = never waits (batches only form under load)."))
+    generate_max_batch: int = Field(16, ge=1, description=(
+        "Sequences the language model decodes together (continuous batching): more throughput, more KV memory."))
