@@ -56,3 +56,23 @@ def test_wrong_result_count_and_bad_settings_are_errors():
     b.close()
     with pytest.raises(RuntimeError, match="closed"):
         b.submit(1)
+
+
+def test_a_named_stage_emits_each_batch_with_its_queue_waits():
+    from trtrag_cli.util import observe
+
+    seen = []
+    unsubscribe = observe.subscribe(lambda event, **fields: seen.append((event, fields)))
+    gate = threading.Event()
+    try:
+        with Batcher(lambda items: gate.wait(5) and items, max_batch=4, max_wait_ms=0, stage="retrieve") as b:
+            futures = [b.submit(i) for i in range(6)]
+            gate.set()
+            assert [f.result(5) for f in futures] == list(range(6))
+        with Batcher(lambda items: items, max_batch=4) as quiet:  # no stage: nothing emitted
+            quiet(1, timeout=5)
+    finally:
+        unsubscribe()
+    assert [e for e, _ in seen] == ["batch"] * len(b.batches)
+    assert [f["size"] for _, f in seen] == b.batches and sum(b.batches) == 6
+    assert all(f["stage"] == "retrieve" and len(f["wait_s"]) == f["size"] and min(f["wait_s"]) >= 0 for _, f in seen)

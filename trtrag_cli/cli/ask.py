@@ -29,7 +29,7 @@ def ask(question: str = typer.Argument(..., help="The question."),
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    with Pipeline(cfg) as pipe:
+    with Pipeline(cfg, max_wait_ms=0) as pipe:  # one question: nothing to wait for
         result = pipe.ask(question, on_piece=show if stream and not as_json else None)
     if as_json:
         emit_json(result)

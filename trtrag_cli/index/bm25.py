@@ -74,6 +74,11 @@ class LexicalIndex:
             return np.zeros(self._bm25.scores["num_docs"], dtype=np.float32)
         return self._bm25.get_scores(terms)
 
+    def scores_many(self, queries: list[str | None]) -> list[np.ndarray | None]:
+        """scores() of each query (None for None). bm25s's batch API, `retrieve`, loops over get_scores
+        and keeps only each query's top-k; hybrid fusion needs the score of every dense candidate too."""
+        return [None if q is None else self.scores(q) for q in queries]
+
     def idf(self, term: str) -> float:
         """BM25 inverse document frequency of an analysed term (0 when unknown)."""
         tid = self._bm25.vocab_dict.get(term)

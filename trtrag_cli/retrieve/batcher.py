@@ -17,19 +17,25 @@ from concurrent.futures import Future
 from typing import Any
 
 from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.observe import emit
 
 
 class Batcher:
-    """Runs fn(list of items) -> list of results (same order) on a worker thread, in batches."""
+    """Runs fn(list of items) -> list of results (same order) on a worker thread, in batches.
+
+    With `stage` set, each batch emits `batch` (util.observe): stage, size, and wait_s, each item's time
+    in the queue before its batch started.
+    """
 
     def __init__(self, fn: Callable[[list], Sequence], max_batch: int = 32, max_wait_ms: float = 1.0,
-                 name: str = "batcher"):
+                 name: str = "batcher", stage: str | None = None):
         if max_batch < 1 or max_wait_ms < 0:
             raise TrtragError(f"batching needs max_batch >= 1 and max_wait_ms >= 0, got {max_batch} and "
                               f"{max_wait_ms}", "fix the serve.* settings in the recipe")
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1e3
+        self.stage = stage
         self.batches: list[int] = []  # size of every batch run, for reports and tests
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
@@ -41,7 +47,7 @@ class Batcher:
         if self._closed:
             raise RuntimeError("the batcher is closed")
         future: Future = Future()
-        self._queue.put((item, future))
+        self._queue.put((item, future, time.perf_counter()))
         return future
 
     def __call__(self, item: Any, timeout: float | None = None) -> Any:
@@ -73,16 +79,19 @@ class Batcher:
             if not batch:
                 return
             self.batches.append(len(batch))
-            items = [item for item, _ in batch]
+            if self.stage is not None:
+                started = time.perf_counter()
+                emit("batch", stage=self.stage, size=len(batch), wait_s=[started - t for _, _, t in batch])
+            items = [item for item, _, _ in batch]
             try:
                 results = self.fn(items)
                 if len(results) != len(items):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
-                for _, future in batch:
+                for _, future, _ in batch:
                     future.set_exception(exc)
                 continue
-            for (_, future), result in zip(batch, results):
+            for (_, future, _), result in zip(batch, results):
                 future.set_result(result)
 
     def close(self) -> None:

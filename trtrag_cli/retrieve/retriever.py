@@ -8,6 +8,7 @@ corpus. Stage 2 scores the union exactly: `dense` (cosine), `bm25`, `rrf` (recip
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class Ranking:
     rows: np.ndarray
     scores: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    batch: int = 1  # questions ranked together with this one (rank_many)
 
 
 def top_indices(scores: np.ndarray, n: int) -> np.ndarray:
@@ -130,23 +132,46 @@ class Retriever:
 
     def rank(self, question: str, mode: str | None = None, query_vec: np.ndarray | None = None) -> Ranking:
         """Run both stages for one question; pass query_vec to skip encoding (eval re-uses it)."""
+        return self.rank_many([question], mode, None if query_vec is None else query_vec[None, :])[0]
+
+    def rank_many(self, questions: list[str], modes: str | Sequence[str | None] | None = None,
+                  query_vecs: np.ndarray | None = None) -> list[Ranking]:
+        """Both stages for several questions at once: one encoder call, one faiss search, then BM25 and
+        fusion per question. Rankings are those of rank() one at a time; each carries the whole batch's
+        stage times (what each of its questions waited for) and the batch size.
+
+        modes: one mode for all, or one per question (None: retrieve.mode). query_vecs: [n, dim] to skip
+        encoding.
+        """
         cfg = self.recipe.retrieve
-        mode = mode or cfg.mode
-        if mode not in MODES:
-            raise TrtragError(f"unknown retrieval mode '{mode}'", "use one of: " + ", ".join(MODES))
+        n = len(questions)
+        if isinstance(modes, str) or modes is None:
+            modes = [modes] * n
+        modes = [m or cfg.mode for m in modes]
+        if len(modes) != n:
+            raise ValueError(f"{len(modes)} modes for {n} questions")
+        for m in modes:
+            if m not in MODES:
+                raise TrtragError(f"unknown retrieval mode '{m}'", "use one of: " + ", ".join(MODES))
+        if not n:
+            return []
         t0 = time.perf_counter()
-        if query_vec is None:
-            query_vec = self.encode([question])[0]
+        dense_at = [i for i, m in enumerate(modes) if m != "bm25"]  # bm25 alone needs no query vector
+        if query_vecs is None:
+            query_vecs = np.zeros((n, self.store.vectors.shape[1]), dtype=np.float32)
+            if dense_at:
+                query_vecs[dense_at] = self.encode([questions[i] for i in dense_at])
         t1 = time.perf_counter()
-        dense_rows = np.zeros(0, dtype=np.int64)
-        if mode != "bm25":
-            _, ids = self.vindex.search(query_vec, cfg.top_n)
-            dense_rows = self.store.rows_of(ids[0])
-            dense_rows = dense_rows[dense_rows >= 0]
-        lex = self.lexical.scores(question) if mode != "dense" else None
+        dense_rows = [np.zeros(0, dtype=np.int64)] * n
+        if dense_at:
+            _, ids = self.vindex.search(query_vecs[dense_at], cfg.top_n)
+            for i, found in zip(dense_at, ids):
+                rows = self.store.rows_of(found)
+                dense_rows[i] = rows[rows >= 0]
+        lex = self.lexical.scores_many([q if m != "dense" else None for q, m in zip(questions, modes)])
         t2 = time.perf_counter()
-        rows, scores = fuse(mode, dense_rows, lex, query_vec, self.store.vectors, cfg.top_n, cfg.rrf_k,
-                            cfg.dense_weight)
+        fused = [fuse(m, dense_rows[i], lex[i], query_vecs[i], self.store.vectors, cfg.top_n, cfg.rrf_k,
+                      cfg.dense_weight) for i, m in enumerate(modes)]
         t3 = time.perf_counter()
         timings = {"encode": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3}
-        return Ranking(rows, scores, timings)
+        return [Ranking(rows, scores, dict(timings), batch=n) for rows, scores in fused]
