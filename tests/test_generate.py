@@ -327,6 +327,117 @@ def test_rate_limited_or_failing_nodes_raise_one_generation_error(failing, node,
     assert "answer.generator.served_model" in err.value.hint
 
 
+class _CountingNode(http.server.BaseHTTPRequestHandler):
+    """A chat-completions node that counts requests and those in flight at once, answering with the
+    server's `status` (200: a short completion, once `gather` requests are in, or after 10 s)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        srv = self.server
+        with srv.lock:
+            srv.hits += 1
+            srv.in_flight += 1
+            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+            if srv.in_flight >= srv.gather:
+                srv.gathered.set()
+        try:
+            if srv.status == 200:
+                srv.gathered.wait(10)
+                reply = {"id": "c", "object": "chat.completion", "created": 0, "model": "tiny",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "It is [1]."},
+                                      "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+            else:
+                reply = {"error": {"message": f"the node says {srv.status}", "type": "error", "code": srv.status}}
+            data = json.dumps(reply).encode()
+            self.send_response(srv.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        finally:
+            with srv.lock:
+                srv.in_flight -= 1
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def counting():
+    """Start loopback counting nodes: counting(status, gather=1) -> server (its URL in server.url)."""
+    servers = []
+
+    def start(status: int, gather: int = 1):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingNode)
+        server.status, server.gather, server.hits, server.in_flight, server.max_in_flight = status, gather, 0, 0, 0
+        server.lock, server.gathered = threading.Lock(), threading.Event()
+        server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_concurrent_callers_reach_the_node_concurrently(counting, tiny_lm, backend):
+    from trtrag_cli.generate.openai_node import OpenAIBackend
+
+    prompt = build_prompt(backend.tokenizer, "q?", PASSAGES[:1], 512, 8)
+    params = SamplingParams(max_new_tokens=8)
+    node = counting(200, gather=4)  # answers once 4 requests are in at once
+    remote = OpenAIBackend([node.url], "tiny", str(tiny_lm), timeout_s=30)
+    replies = remote.generate([prompt] * 4, params)  # one call, four prompts: all in flight together
+    assert [r.text for r in replies] == ["It is [1]."] * 4 and node.max_in_flight == 4
+    node.gathered.clear()
+    node.max_in_flight, node.gather = 0, 6
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(remote.generate([prompt], params)[0].text))
+               for _ in range(6)]  # six threads sharing one backend (what serve does)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == ["It is [1]."] * 6 and node.max_in_flight == 6
+    remote.close()
+
+
+def test_a_failed_node_cools_down_and_is_retried_after(counting, tiny_lm, backend):
+    from trtrag_cli.generate.openai_node import OpenAIBackend
+
+    prompt = build_prompt(backend.tokenizer, "q?", PASSAGES[:1], 512, 8)
+    params = SamplingParams(max_new_tokens=8)
+    broken, good = counting(500), counting(200)
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    remote = OpenAIBackend([dead, broken.url, good.url], "tiny", str(tiny_lm), cooldown_s=60)
+    assert remote.generate([prompt], params)[0].extra["node"] == good.url  # after the dead and the broken one
+    assert broken.hits == 1 and [h["ok"] for h in remote.health()] == [False, False, True]
+    assert remote.health()[0]["last_error"] == "APIConnectionError" and remote.health()[1]["cooldown_s"] > 30
+    for _ in range(3):  # cooling nodes are not asked again
+        assert remote.generate([prompt], params)[0].extra["node"] == good.url
+    assert broken.hits == 1
+    # All nodes cooling down: the one whose cool-down ends first is asked, not none.
+    both = OpenAIBackend([broken.url, dead], "tiny", str(tiny_lm), cooldown_s=60)
+    with pytest.raises(GenerationError) as err:
+        both.generate([prompt], params)
+    assert broken.hits == 2
+    with pytest.raises(GenerationError, match="HTTP 500") as err:
+        both.generate([prompt], params)
+    assert broken.hits == 3 and "cooling down" in err.value.message  # the dead one was left out
+    # A short cool-down passes; the node, fixed meanwhile, is asked again and its record cleared.
+    quick = OpenAIBackend([broken.url, good.url], "tiny", str(tiny_lm), cooldown_s=0.2)
+    quick.generate([prompt], params)
+    assert broken.hits == 4 and quick.health()[0]["failures"] == 1
+    broken.status = 200
+    time.sleep(0.5)  # past the cool-down (not a timing assertion: only what happens after it is checked)
+    nodes = {quick.generate([prompt], params)[0].extra["node"] for _ in range(2)}
+    assert broken.hits == 5 and broken.url in nodes and quick.health()[0] == {
+        "url": broken.url, "ok": True, "failures": 0, "cooldown_s": 0.0, "last_error": None}
+
+
 def test_a_torch_runtime_error_is_a_generation_error(backend):
     empty = Prompt("", [], [])  # transformers cannot reshape an empty prompt: a RuntimeError from torch
     with pytest.raises(GenerationError, match="the transformers generator failed: RuntimeError") as err:
