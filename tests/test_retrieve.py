@@ -100,14 +100,14 @@ def test_concurrent_callers_are_ranked_in_one_batch_with_the_same_results(worksp
         if i % 2:
             assert "answer" in got["timings_ms"] and got["citations"] is not None
         else:
-            assert got["generation"] == pipe.generation and got["mode"] == "hybrid"
+            assert got["index_generation"] == pipe.generation and got["mode"] == "hybrid"
     assert sum(r["batch"] for r in alone) == 8  # one at a time after the crowd
 
 
 def test_refresh_swaps_in_a_new_index_generation(workspace, tmp_path, monkeypatch):
     import shutil
 
-    import trtrag_cli.pipeline as pipeline_mod
+    import trtrag_cli.retrieve.shared as shared_mod
     from trtrag_cli.pipeline import Pipeline
 
     recipe = yaml.safe_load(workspace.read_text())
@@ -118,7 +118,7 @@ def test_refresh_swaps_in_a_new_index_generation(workspace, tmp_path, monkeypatc
     shutil.copytree(EXAMPLES, corpus)
     Cli().json("index", corpus, "--recipe", path)
     question = "What colour is the Quillby zeppelin's hull?"
-    monkeypatch.setattr(pipeline_mod, "REFRESH_S", 0.0)  # look at the workspace on every call
+    monkeypatch.setattr(shared_mod, "REFRESH_S", 0.0)  # look at the workspace on every call
     with Pipeline(load_recipe(path), max_wait_ms=0) as pipe:
         first, old = pipe.generation, pipe.retriever
         assert pipe.refresh() is False and pipe.generation == first

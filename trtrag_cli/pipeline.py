@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from trtrag_cli.generate.prompt import citations
 from trtrag_cli.recipe.schema import Recipe
-from trtrag_cli.retrieve.retriever import MODES, Ranking
 from trtrag_cli.util.errors import TrtragError
-from trtrag_cli.util.observe import emit
-
-REFRESH_S = 1.0  # refresh() looks at the workspace's CURRENT pointer at most this often
 
 
 def _generation_report(generator) -> dict | None:
@@ -38,22 +31,12 @@ def check_question(question: str) -> str:
     return q
 
 
-@dataclass
-class _Query:
-    """One retrieval request handed to the batch worker: its retriever is the one live when it began."""
-
-    retriever: object
-    text: str
-    mode: str
-    submitted: float = field(default_factory=time.perf_counter)
-
-
 class Pipeline:
     """A retriever plus a generator for one workspace; a context manager, safe to call from many threads.
 
-    Retrieval runs on one worker thread (retrieve.batcher): concurrent ask()/retrieve() calls are encoded
-    and searched together, up to serve.retrieve_max_batch, and the encoder session, the faiss index and
-    bm25s are only ever used from that thread. refresh() swaps in a newly published index generation.
+    Retrieval goes through retrieve.shared.SharedRetriever: concurrent ask()/retrieve() calls are encoded
+    and searched together on its one worker thread (up to serve.retrieve_max_batch). refresh() swaps in a
+    newly published index generation between requests.
     """
 
     def __init__(self, recipe: Recipe, max_wait_ms: float | None = None):
@@ -61,23 +44,16 @@ class Pipeline:
         one-question command passes 0, so it never waits for company that cannot come)."""
         from trtrag_cli.encode.models import chunk_tokenizer
         from trtrag_cli.generate.registry import open_generator
-        from trtrag_cli.retrieve.batcher import Batcher
-        from trtrag_cli.retrieve.retriever import Retriever
+        from trtrag_cli.retrieve.shared import SharedRetriever
 
         self.recipe = recipe
-        self.retriever = Retriever(recipe)
+        self.shared = SharedRetriever(recipe, max_wait_ms=max_wait_ms)
         try:
-            self.generator = open_generator(recipe, self.retriever.lexical)
+            self.generator = open_generator(recipe, self.shared.retriever.lexical)
             self._counter = chunk_tokenizer(recipe)
         except BaseException:
-            self.retriever.close()
+            self.shared.close()
             raise
-        wait = recipe.serve.retrieve_max_wait_ms if max_wait_ms is None else max_wait_ms
-        self._batcher = Batcher(self._rank_batch, max_batch=recipe.serve.retrieve_max_batch, max_wait_ms=wait,
-                                name="retrieve", stage="retrieve")
-        self._swap = threading.Lock()
-        self._checked = time.monotonic()
-        self._refused: set[str] = set()
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -87,78 +63,24 @@ class Pipeline:
 
     def close(self) -> None:
         """Finish queued retrievals, then release the encoder and the generator."""
-        self._batcher.close()
-        self.retriever.close()
+        self.shared.close()
         closer = getattr(self.generator, "close", None)
         if closer:
             closer()
 
     @property
+    def retriever(self):
+        """The live Retriever (a request keeps the one it began with; see refresh)."""
+        return self.shared.retriever
+
+    @property
     def generation(self) -> str:
         """The folder name of the index generation that new requests search."""
-        return self.retriever.generation.name
-
-    # ------------------------------------------------------------------------------ live index
+        return self.shared.generation
 
     def refresh(self) -> bool:
-        """Load the workspace's published index generation if it changed; True when one was swapped in.
-
-        Looks at the workspace at most once a second. Requests already under way finish on the retriever
-        they began with; the encoder is shared. A generation that cannot be loaded (another encoder, a
-        damaged folder) is reported once on stderr and skipped; the loaded one goes on serving.
-        """
-        from trtrag_cli.retrieve.retriever import Retriever
-        from trtrag_cli.util.workspace import Workspace
-
-        now = time.monotonic()
-        if now - self._checked < REFRESH_S or not self._swap.acquire(blocking=False):
-            return False  # another thread is checking or loading; this request uses what is live
-        try:
-            self._checked = now
-            gen = Workspace(self.recipe.workspace_dir()).current_index()
-            if gen is None or gen.name == self.generation or gen.name in self._refused:
-                return False
-            old = self.retriever
-            try:
-                new = Retriever(self.recipe, encoder=old.encoder)
-            except (TrtragError, OSError) as exc:
-                self._refused.add(gen.name)
-                why = exc.message if isinstance(exc, TrtragError) else str(exc)
-                sys.stderr.write(f"warning: not loading index generation {gen.name}: {why}; still serving "
-                                 f"{old.generation.name}\n")
-                emit("index", generation=gen.name, loaded=False, error=why)
-                return False
-            # The encoder goes with the live retriever: close() of the last one releases it.
-            new._owns_encoder, old._owns_encoder = old._owns_encoder, False
-            self.retriever = new
-            emit("index", generation=new.generation.name, loaded=True, previous=old.generation.name)
-            return True
-        finally:
-            self._swap.release()
-
-    # ------------------------------------------------------------------------------ retrieval
-
-    def _rank_batch(self, queries: list[_Query]) -> list[tuple[Ranking, float]]:
-        """The batch worker: rank each retriever's questions together; (ranking, queue ms) per query."""
-        started = time.perf_counter()
-        out: list = [None] * len(queries)
-        groups: dict[int, list[int]] = {}
-        for i, q in enumerate(queries):  # after a refresh, a batch may hold both generations' requests
-            groups.setdefault(id(q.retriever), []).append(i)
-        for at in groups.values():
-            retriever = queries[at[0]].retriever
-            rankings = retriever.rank_many([queries[i].text for i in at], [queries[i].mode for i in at])
-            for i, ranking in zip(at, rankings):
-                out[i] = (ranking, (started - queries[i].submitted) * 1e3)
-        return out
-
-    def _rank(self, retriever, text: str, mode: str | None) -> tuple[Ranking, dict[str, float]]:
-        """Rank one question through the batch worker; its timings with `queue` first."""
-        mode = mode or self.recipe.retrieve.mode
-        if mode not in MODES:  # refused here, so one caller's typo does not fail its batch-mates
-            raise TrtragError(f"unknown retrieval mode '{mode}'", "use one of: " + ", ".join(MODES))
-        ranking, queued = self._batcher(_Query(retriever, text, mode))
-        return ranking, {"queue": queued, **ranking.timings}
+        """Swap in the workspace's newly published index generation, if any (cheap: see SharedRetriever)."""
+        return self.shared.refresh()
 
     def passages(self, rows, scores, k: int, retriever=None) -> list[dict]:
         """The top-k chunk records as plain dicts, numbered from 1 for citations."""
@@ -175,12 +97,12 @@ class Pipeline:
         query = check_question(query)
         retriever = self.retriever
         mode = mode or self.recipe.retrieve.mode
-        ranking, timings = self._rank(retriever, query, mode)
+        ranking, timings = self.shared.rank(query, mode, retriever)
         timings["total"] = sum(timings.values())
         return {"query": query, "mode": mode,
                 "passages": self.passages(ranking.rows, ranking.scores, top_k or self.recipe.retrieve.top_k,
                                           retriever),
-                "generation": retriever.generation.name, "search_backend": retriever.vindex.placement,
+                "index_generation": retriever.generation.name, "search_backend": retriever.vindex.placement,
                 "batch": ranking.batch, "timings_ms": {k: round(v, 3) for k, v in timings.items()}}
 
     def ask(self, question: str, top_k: int | None = None, mode: str | None = None,
@@ -197,7 +119,7 @@ class Pipeline:
         if n_tokens > max_tokens:
             warnings.append(f"the question has {n_tokens} tokens; the encoder reads only the first "
                             f"{max_tokens} (BM25 still sees all of it)")
-        ranking, timings = self._rank(retriever, question, mode)
+        ranking, timings = self.shared.rank(question, mode, retriever)
         k = top_k or self.recipe.retrieve.top_k
         passages = self.passages(ranking.rows, ranking.scores, k, retriever)
         given = passages[: self.recipe.answer.passages]
