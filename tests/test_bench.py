@@ -30,6 +30,7 @@ def test_synthetic_bench_reports_every_engine_stage_and_recall(cli, make_recipe,
     ivf = next(r for r in report["search"] if r["kind"] == "ivf")
     assert ivf["recall@10"] > 0.5 and ivf["nprobe"] == 8
     stage = report["stage"]
+    assert stage["mode"] == "dense" and stage["path"].startswith("synthetic")  # no texts for BM25
     assert set(stage["batch1"]) == {"encode", "search", "rerank", "total"}
     assert stage["batch1"]["total"]["p50_ms"] >= stage["batch1"]["encode"]["p50_ms"]
     assert stage["batch1"]["total"]["n"] == 20
@@ -49,7 +50,18 @@ def test_bench_on_the_workspace_index_uses_its_vectors_and_the_recipe_queries(cl
     assert report["data"]["kind"] == "workspace index" and report["data"]["dim"] == 384
     assert report["data"]["vectors"] > 50  # chunks of the 50 example documents
     assert [r["engine"] for r in report["search"]] == ["cpu faiss flat"] * 2
-    assert report["stage"]["encoder"].startswith("onnxruntime-fp32/")
+    stage = report["stage"]
+    assert stage["encoder"].startswith("onnxruntime-fp32/")
+    # The stage is what ask and serve run: the recipe's mode through the pipeline's batch worker.
+    assert stage["mode"] == "hybrid" and stage["path"] == "pipeline" and stage["search_engine"] == "cpu: faiss"
+    assert set(stage["batch1"]) == {"queue", "encode", "search", "rerank", "total"}
+    assert stage["batch1"]["total"]["n"] == 10
+    c = stage["concurrent"]
+    assert c["clients"] == 2 and c["queries"] == 2 * 20 and c["batches"] >= 1 and c["speedup"] > 0
+    assert c["max_batch"] == 32 and c["max_wait_ms"] == 2.0  # the recipe's serve.retrieve_* settings
+    dense = cli.json("bench", "--batch", "1", "--kinds", "", "--clients", "2", "--reps", "5", "--recipe", recipe,
+                     "--set", "retrieve.mode=dense", "--set", "serve.retrieve_max_batch=4")
+    assert dense["stage"]["mode"] == "dense" and dense["stage"]["concurrent"]["max_batch"] == 4
 
 
 def test_bench_refuses_a_dimension_the_encoder_cannot_make(cli, make_recipe):

@@ -2,6 +2,11 @@
 batch-1 retrieval stage (encode, search, rerank apart and together), concurrent queries through the
 batcher, recall@10 of each approximate index against exact search, and GPU memory.
 
+On the workspace's index the retrieval stage is the path `ask` and `serve` run (retrieve.shared): the
+recipe's mode (hybrid by default: encoder, faiss, BM25, fusion) through the batch worker, one caller at
+a time and then many at once. Synthetic vectors have no texts for BM25: there it is dense search and an
+exact re-score, and the report says so.
+
 Vectors are synthetic and clustered (like real embeddings: centres plus noise, unit length) when
 --vectors is given, so any scale can be measured without a corpus; otherwise the workspace's own index
 and chunks are used. Every latency is a distribution over repeated calls after warm-up (P50/P90/P99),
@@ -31,7 +36,7 @@ from trtrag_cli.util.gpu import GpuWatch
 from trtrag_cli.util.timing import ms_percentiles
 
 SCHEMA = "trtrag.bench/1"
-STAGES = ("encode", "search", "rerank", "total")
+STAGES = ("queue", "encode", "search", "rerank", "total")
 
 
 def timed(fn: Callable[[], object], reps: int, warmup: int = 3, budget_s: float = 20.0) -> list[float]:
@@ -233,47 +238,59 @@ class Stage:
         return [self.rerank(v, row) for v, row in zip(q, ids)]
 
 
-def bench_stage(stage: Stage, texts: list[str], reps: int) -> dict:
-    """Per-stage P50/P90/P99 of one question at a time."""
+def bench_stage(one: Callable[[str], dict[str, float]], texts: list[str], reps: int) -> dict:
+    """Per-stage P50/P90/P99 of one question at a time; one(text) returns seconds per stage."""
     for text in texts[:10]:
-        stage.one(text)
-    samples = {name: [] for name in STAGES}
+        one(text)
+    samples: dict[str, list[float]] = {}
     for i in range(reps):
-        for name, value in stage.one(texts[i % len(texts)]).items():
-            samples[name].append(value)
+        for name, value in one(texts[i % len(texts)]).items():
+            samples.setdefault(name, []).append(value)
     return {name: ms_percentiles(values) for name, values in samples.items()}
 
 
-def bench_concurrent(stage: Stage, texts: list[str], clients: int, per_client: int, max_batch: int,
-                     max_wait_ms: float) -> dict:
-    """Many callers at once through one Batcher: throughput, latency seen by callers, batch sizes."""
-    from trtrag_cli.retrieve.batcher import Batcher
-
+def bench_concurrent(call: Callable[[str], object], batcher, texts: list[str], clients: int,
+                     per_client: int) -> dict:
+    """Many callers at once, each call(text) going through `batcher`: throughput, latency seen by the
+    callers, and the sizes of the batches the batcher ran meanwhile."""
     latencies: list[float] = []
     lock = threading.Lock()
-    with Batcher(stage.many, max_batch=max_batch, max_wait_ms=max_wait_ms, name="bench") as batcher:
-        batcher(texts[0])  # warm
+    call(texts[0])  # warm
+    before = len(batcher.batches)
 
-        def client(offset: int) -> None:
-            mine = []
-            for i in range(per_client):
-                t = time.perf_counter()
-                batcher(texts[(offset + i) % len(texts)])
-                mine.append(time.perf_counter() - t)
-            with lock:
-                latencies.extend(mine)
+    def client(offset: int) -> None:
+        mine = []
+        for i in range(per_client):
+            t = time.perf_counter()
+            call(texts[(offset + i) % len(texts)])
+            mine.append(time.perf_counter() - t)
+        with lock:
+            latencies.extend(mine)
 
-        threads = [threading.Thread(target=client, args=(c * per_client,)) for c in range(clients)]
-        t = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t
-        sizes = batcher.batches[1:]
+    threads = [threading.Thread(target=client, args=(c * per_client,)) for c in range(clients)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    sizes = batcher.batches[before:]
     return {"clients": clients, "queries": clients * per_client, "qps": round(clients * per_client / wall, 1),
-            "latency": ms_percentiles(latencies), "max_batch": max_batch, "max_wait_ms": max_wait_ms,
+            "latency": ms_percentiles(latencies), "max_batch": batcher.max_batch,
+            "max_wait_ms": round(batcher.max_wait * 1e3, 3), "batches": len(sizes),
             "mean_batch": round(statistics.mean(sizes), 2) if sizes else None}
+
+
+def pipeline_stage(shared) -> Callable[[str], dict[str, float]]:
+    """one(text) for bench_stage over a SharedRetriever: its reported stage times, and the total the caller
+    saw (the hand-over to the worker thread included), in seconds."""
+    def one(text: str) -> dict[str, float]:
+        t = time.perf_counter()
+        _, ms = shared.rank(text)
+        total = time.perf_counter() - t
+        return {**{name: v / 1e3 for name, v in ms.items()}, "total": total}
+
+    return one
 
 
 # --------------------------------------------------------------------------------------- generation
@@ -445,38 +462,76 @@ def _search_report(report, recipe, vectors, dim, batches, k, kinds, n_queries, s
 
 
 def _stage_report(recipe, encoder, engines, base, dim, k, clients, queries_path, gpu, reps, log) -> dict:
-    """The retrieval stage on the fastest exact engine at batch 1 (the one `ask` would pick on this machine)."""
+    """The retrieval stage at batch 1 and under `clients` concurrent callers: on the workspace's index
+    (encoder given) the pipeline's own path; on synthetic vectors, the encoder plus the fastest exact
+    engine and an exact re-score."""
+    texts = _query_texts(recipe, queries_path, 2000)
+    per_client = max(5, 4 * reps // clients)
+    if encoder is not None:
+        out = _pipeline_stage_report(recipe, encoder, texts, clients, per_client, reps, log)
+    else:
+        out = _synthetic_stage_report(recipe, engines, base, dim, k, texts, clients, per_client, reps, log)
+    log("stage P50/P99 ms: " + ", ".join(f"{n} {v['p50_ms']:.3f}/{v['p99_ms']:.3f}"
+                                         for n, v in out["batch1"].items()))
+    c = out["concurrent"]
+    one = out["batch1"]["total"]["mean_ms"]
+    c["speedup"] = round(c["qps"] / (1e3 / one), 2) if one > 0 else None  # against one caller in turn
+    log(f"concurrent: {clients} clients {c['qps']} q/s ({c['speedup']}x one caller), mean batch {c['mean_batch']}")
+    return out
+
+
+def _pipeline_stage_report(recipe, encoder, texts, clients, per_client, reps, log) -> dict:
+    """The recipe's mode through retrieve.shared, as ask (one caller, no batch wait) and serve (the
+    serve.retrieve_* batching) run it."""
+    from trtrag_cli.retrieve.retriever import Retriever
+    from trtrag_cli.retrieve.shared import SharedRetriever
+
+    retriever = Retriever(recipe, encoder=encoder)  # the workspace's index, placed as ask places it
+    if hasattr(encoder, "warmup"):
+        log(f"capturing the encoder's CUDA graphs: {len(encoder.warmup())} buckets")
+    mode = recipe.retrieve.mode
+    out = {"encoder": encoder.name, "search_engine": retriever.vindex.placement, "mode": mode,
+           "path": "pipeline", "top_n": recipe.retrieve.top_n, "top_k": recipe.retrieve.top_k,
+           "rerank": {"dense": "exact fp32 re-score of the candidates", "bm25": "BM25 order",
+                      "rrf": "reciprocal rank fusion of dense and BM25", "hybrid": "weighted normalised dense + BM25"
+                      }[mode]}
+    log(f"retrieval stage: {mode} through the pipeline's batch worker, {reps} questions one at a time")
+    with SharedRetriever(recipe, max_wait_ms=0, retriever=retriever) as alone:
+        out["batch1"] = bench_stage(pipeline_stage(alone), texts, reps)
+        with SharedRetriever(recipe, retriever=retriever) as crowd:  # serve's batching settings
+            out["concurrent"] = bench_concurrent(lambda t: crowd.rank(t), crowd.batcher, texts, clients,
+                                                 per_client)
+    return out
+
+
+def _synthetic_stage_report(recipe, engines, base, dim, k, texts, clients, per_client, reps, log) -> dict:
+    """Dense only (synthetic vectors have no texts for BM25): encode, the fastest exact engine, re-score."""
     from trtrag_cli.encode.artifacts import open_recipe_encoder
+    from trtrag_cli.retrieve.batcher import Batcher
     from trtrag_cli.util.workspace import Workspace
 
-    own = encoder is None
-    if own:
-        encoder = open_recipe_encoder(recipe, Workspace(recipe.workspace_dir()))
+    encoder = open_recipe_encoder(recipe, Workspace(recipe.workspace_dir()))
     try:
         if encoder.dim != dim:
             raise TrtragError(f"the encoder {encoder.name} makes {encoder.dim}-d vectors but the benchmark's are "
                               f"{dim}-d", f"use --dim {encoder.dim}, or --set encoder.model=<a {dim}-d model folder>")
         exact = [(label, s) for label, s, facts in engines if facts["kind"] == "flat"]
-        by_speed = sorted(exact, key=lambda e: _p50(e[1], base[:1], k))
-        label, searcher = by_speed[0]
-        texts = _query_texts(recipe, queries_path, 2000)
+        label, searcher = min(exact, key=lambda e: _p50(e[1], base[:1], k))
         if hasattr(encoder, "warmup"):
             log(f"capturing the encoder's CUDA graphs: {len(encoder.warmup())} buckets")
         top_k = recipe.retrieve.top_k if recipe.retrieve.top_k > 10 else 10
         st = Stage(encoder, searcher, base, k, top_k)
-        log(f"retrieval stage: {encoder.name} + {label}, {reps} questions one at a time")
-        out = {"encoder": encoder.name, "search_engine": label, "top_n": k, "top_k": top_k,
-               "rerank": "exact fp32 re-score of the candidates", "batch1": bench_stage(st, texts, reps)}
-        log("stage P50/P99 ms: " + ", ".join(f"{n} {v['p50_ms']:.3f}/{v['p99_ms']:.3f}"
-                                             for n, v in out["batch1"].items()))
-        per_client = max(5, 4 * reps // clients)
-        out["concurrent"] = bench_concurrent(st, texts, clients, per_client, max_batch=64, max_wait_ms=1.0)
-        c = out["concurrent"]
-        log(f"concurrent: {clients} clients {c['qps']} q/s, mean batch {c['mean_batch']}")
+        log(f"retrieval stage: {encoder.name} + {label}, dense only (synthetic vectors), {reps} questions one "
+            "at a time")
+        out = {"encoder": encoder.name, "search_engine": label, "mode": "dense",
+               "path": "synthetic: dense search + exact re-score (no texts for BM25)", "top_n": k, "top_k": top_k,
+               "rerank": "exact fp32 re-score of the candidates", "batch1": bench_stage(st.one, texts, reps)}
+        with Batcher(st.many, max_batch=recipe.serve.retrieve_max_batch,
+                     max_wait_ms=recipe.serve.retrieve_max_wait_ms, name="bench") as batcher:
+            out["concurrent"] = bench_concurrent(batcher, batcher, texts, clients, per_client)
         return out
     finally:
-        if own:
-            encoder.close()
+        encoder.close()
 
 
 def _p50(searcher, q, k) -> float:

@@ -117,13 +117,17 @@ def print_report(report: dict) -> None:
         out.print(table)
     stage = report.get("stage")
     if stage:
-        table = Table(title=Text(f"retrieval stage, batch 1: {stage['encoder']} + {stage['search_engine']} "
-                                 f"(top {stage['top_n']} -> {stage['top_k']})"))
+        how = "the pipeline's path" if stage.get("path") == "pipeline" else stage.get("path", "dense")
+        table = Table(title=Text(f"retrieval stage, one caller: {stage.get('mode', 'dense')} ({how}), "
+                                 f"{stage['encoder']} + {stage['search_engine']} (top {stage['top_n']} -> "
+                                 f"{stage['top_k']})"))
         for col in ("stage", "P50 ms", "P90 ms", "P99 ms"):
             table.add_column(col, justify="left" if col == "stage" else "right")
         for name, v in stage["batch1"].items():
             table.add_row(name, f"{v['p50_ms']:.3f}", f"{v['p90_ms']:.3f}", f"{v['p99_ms']:.3f}")
         out.print(table)
         c = stage["concurrent"]
-        out.print(f"{c['clients']} concurrent callers: {c['qps']:.0f} q/s, P50 {c['latency']['p50_ms']:.2f} ms, "
-                  f"P99 {c['latency']['p99_ms']:.2f} ms, mean batch {c['mean_batch']}", markup=False)
+        speedup = f" ({c['speedup']}x one caller)" if c.get("speedup") else ""
+        out.print(f"{c['clients']} concurrent callers: {c['qps']:.0f} q/s{speedup}, P50 {c['latency']['p50_ms']:.2f} ms, "
+                  f"P99 {c['latency']['p99_ms']:.2f} ms, mean batch {c['mean_batch']} (max {c['max_batch']}, "
+                  f"wait {c['max_wait_ms']} ms)", markup=False)
