@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
+import time
 
 import numpy as np
+import pytest
 
 from trtrag_cli.bench.run import SCHEMA, clustered, exact_truth, recall_at
 from trtrag_cli.util.timing import ms_percentiles
@@ -85,3 +89,82 @@ def test_helpers_measure_what_they_say():
     assert recall_at(np.roll(truth, 1, axis=0), truth) < 0.5
     p = ms_percentiles([0.001] * 98 + [0.010, 0.020])
     assert p["p50_ms"] == 1.0 and p["p99_ms"] > 9.0 and p["n"] == 100
+
+
+# ------------------------------------------------------------------------------- load on a service
+
+class _TinyService(http.server.BaseHTTPRequestHandler):
+    """/v1/ask, /v1/retrieve and /v1/chat/completions shaped answers; every 7th request gets 503."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real service
+    FIELDS = {"/v1/ask": "question", "/v1/retrieve": "query", "/v1/chat/completions": "messages"}
+
+    def do_POST(self):
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with srv.lock:
+            srv.seen.append((self.path, self.headers.get("Authorization")))
+            srv.in_flight += 1
+            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+            n = len(srv.seen)
+        time.sleep(0.005)  # some work, so that clients overlap
+        field = self.FIELDS.get(self.path)
+        status = 404 if field is None else 400 if field not in body else 503 if n % 7 == 0 else 200
+        reply = json.dumps({"answer": "It is [1].", "passages": []} if status == 200 else {"error": status}).encode()
+        with srv.lock:
+            srv.in_flight -= 1
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def tiny_service():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TinyService)
+    server.lock, server.seen, server.in_flight, server.max_in_flight = threading.Lock(), [], 0, 0
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_load_bench_reports_each_route_against_one_client(cli, tiny_service, tmp_path):
+    server, url = tiny_service
+    questions = tmp_path / "q.txt"
+    questions.write_text("What is the warranty?\nHow do I reset it?\n")
+    saved = tmp_path / "load.json"
+    report = cli.json("bench", "--serve", url, "--clients", "4", "--duration", "1", "--baseline-s", "0.5",
+                      "--route", "ask,retrieve,chat", "--api-key", "sekrit", "--queries", questions, "--out", saved)
+    assert report["schema"] == "trtrag.bench.load/1" and json.loads(saved.read_text()) == report
+    assert report["baseline"]["clients"] == 1 and report["load"]["clients"] == 4
+    for phase in ("baseline", "load"):
+        for route in ("ask", "retrieve", "chat"):
+            r = report[phase]["routes"][route]
+            assert r["ok"] > 0 and r["latency"]["p50_ms"] <= r["latency"]["p90_ms"] <= r["latency"]["p99_ms"]
+            assert set(r["errors"]) <= {"http 503"} and r["requests"] == r["ok"] + sum(r["errors"].values())
+    errors = sum(r["errors"].get("http 503", 0) for p in ("baseline", "load") for r in report[p]["routes"].values())
+    assert errors == len(server.seen) // 7  # every 7th request the server saw (the probe is the 1st)
+    assert set(report["ratio"]) == {"ask", "retrieve", "chat"} and report["ratio"]["ask"]["qps"] > 0
+    assert {path for path, _ in server.seen} == {"/v1/ask", "/v1/retrieve", "/v1/chat/completions"}
+    assert {auth for _, auth in server.seen} == {"Bearer sekrit"} and server.max_in_flight > 1
+    # The table, and the saved report printed again.
+    text = cli("bench", "--from-json", saved).stdout
+    assert "load on" in text and "retrieve" in text and "clients / 1 client" in text
+
+
+def test_load_bench_says_when_the_service_is_not_there(cli, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = cli("bench", "--serve", f"http://127.0.0.1:{port}", "--duration", "1", "--baseline-s", "0", ok=False)
+    assert "cannot reach" in out.output and "connect" in out.output
+    assert "unknown route" in cli("bench", "--serve", "http://x", "--route", "sing", ok=False).output
+    assert "takes a URL" in cli("bench", "--serve", "localhost:8000", ok=False).output

@@ -1,4 +1,5 @@
-"""`trtrag bench`: search per engine and batch, the batch-1 retrieval stage, the generator; tables or JSON."""
+"""`trtrag bench`: search per engine and batch, the batch-1 retrieval stage, the generator, or load on a
+running service (--serve); tables or JSON."""
 
 from __future__ import annotations
 
@@ -41,14 +42,33 @@ def bench(vectors: int = typer.Option(0, "--vectors", "-n", help="Synthetic clus
           plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the percentiles (matplotlib)."),
           from_json: Optional[Path] = typer.Option(None, "--from-json", help="Plot or print a saved report instead "
                                                    "of measuring."),
+          serve: Optional[str] = typer.Option(None, "--serve", help="Load-test a running service at this URL "
+                                              "instead (e.g. http://127.0.0.1:8000): --clients at once for "
+                                              "--duration, after one client for --baseline-s."),
+          duration: float = typer.Option(30.0, "--duration", help="--serve: seconds of load with --clients."),
+          baseline_s: float = typer.Option(15.0, "--baseline-s", help="--serve: seconds of one client first, "
+                                           "for the N-clients/1-client ratio (0: skip)."),
+          route: str = typer.Option("ask", "--route", help="--serve: ask, retrieve or chat (several: ask,retrieve)."),
+          api_key: Optional[str] = typer.Option(None, "--api-key", help="--serve: sent as Authorization: Bearer."),
+          timeout: float = typer.Option(120.0, "--timeout", help="--serve: seconds one request may take."),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON report to this file."),
           recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
           as_json: bool = JsonOpt) -> None:
-    """Measure retrieval: search per engine and batch, the batch-1 stage, recall@10, GPU memory."""
+    """Measure retrieval: search per engine and batch, the batch-1 stage, recall@10, GPU memory; or
+    load-test a running service with --serve URL."""
     from trtrag_cli.bench.run import plot as draw
     from trtrag_cli.bench.run import run_bench
     from trtrag_cli.util.files import write_json
 
+    if serve is not None and from_json is None:
+        report = _load_bench(serve, route, clients, duration, baseline_s, api_key, timeout, queries, recipe, set_)
+        if out is not None:
+            write_json(out, report)
+        if as_json:
+            emit_json(report)
+        else:
+            print_load(report)
+        return
     if from_json is not None:
         try:
             report = json.loads(Path(from_json).read_text(encoding="utf-8"))
@@ -85,7 +105,61 @@ def bench(vectors: int = typer.Option(0, "--vectors", "-n", help="Synthetic clus
     if as_json:
         emit_json(report)
         return
+    if report.get("schema", "").startswith("trtrag.bench.load"):
+        print_load(report)
+        return
     print_report(report)
+
+
+def _load_bench(url, route, clients, duration, baseline_s, api_key, timeout, queries, recipe, set_) -> dict:
+    """Parse the --serve options, pick the questions, run bench.load."""
+    from trtrag_cli.bench.load import parse_routes, run_load
+    from trtrag_cli.calibrate.run import read_queries
+
+    at_least("--clients", clients, 1)
+    if duration <= 0 or baseline_s < 0 or timeout <= 0:
+        raise UsageError("--duration and --timeout must be positive, --baseline-s at least 0",
+                         "e.g. --duration 30 --baseline-s 15")
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--serve takes a URL, got '{url}'", "e.g. --serve http://127.0.0.1:8000")
+    try:
+        routes = parse_routes(route)
+    except TrtragError as exc:
+        raise UsageError(exc.message, exc.hint) from None
+    if queries is not None:
+        questions = read_queries(queries)
+    else:
+        source = Path(load(recipe, set_).calibrate.queries)
+        questions = read_queries(source) if source.exists() else [
+            "What is the warranty period?", "How do I reset the sensor?", "Which models support LoRaWAN?"]
+    err = console(stderr=True)
+    return run_load(url, routes, clients, duration, questions, api_key=api_key, baseline_s=baseline_s,
+                    timeout_s=timeout, log=lambda m: err.print(m, markup=False, style="dim"))
+
+
+def print_load(report: dict) -> None:
+    """A load report as a table on stdout: per phase and route, q/s, latency percentiles, errors."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"load on {report['url']} ({report['questions']} questions)"))
+    for col in ("phase", "route", "clients", "ok", "q/s", "P50 ms", "P90 ms", "P99 ms", "errors"):
+        table.add_column(col, justify="left" if col in ("phase", "route", "errors") else "right")
+    for phase in ("baseline", "load"):
+        if phase not in report:
+            continue
+        p = report[phase]
+        for name, r in p["routes"].items():
+            lat = r["latency"] or {}
+            errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "-"
+            table.add_row(phase, name, str(p["clients"]), str(r["ok"]), f"{r['qps']:.1f}",
+                          *(f"{lat[k]:.1f}" if lat else "-" for k in ("p50_ms", "p90_ms", "p99_ms")), Text(errors))
+    out = console()
+    out.print(table)
+    for name, ratio in (report.get("ratio") or {}).items():
+        if ratio:
+            out.print(f"{name}: {report['load']['clients']} clients / 1 client: {ratio['qps']}x q/s, "
+                      f"P50 {ratio['p50_ms']}x, P99 {ratio['p99_ms']}x latency", markup=False)
 
 
 def print_report(report: dict) -> None:
