@@ -7,6 +7,8 @@ Subscribers must be quick and must not raise; one that raises is dropped with a 
 Events in use (name: fields):
   batch: stage ("retrieve", "generate"), size (items in the batch), wait_s (list: each item's queue wait)
   tokens: stage ("generate"), count (tokens produced since the last event)
+  index: generation (folder name), loaded (bool), previous (when loaded) or error (when not): a
+         published index generation that Pipeline.refresh() swapped in or refused
 """
 
 from __future__ import annotations
