@@ -89,16 +89,20 @@ class Request:
 
     def updates(self) -> Iterator[list[int]]:
         """The tokens so far, each time more are known (stream=True), until it finishes; raises what failed it."""
-        while True:
+        ended = False
+        while not ended:
             item = self._updates.get()
-            while item is not None:      # only the newest snapshot matters
+            if item is None:
+                break
+            while True:                  # only the newest snapshot matters
                 try:
                     newer = self._updates.get_nowait()
                 except queue.Empty:
                     break
+                if newer is None:
+                    ended = True
+                    break
                 item = newer
-            if item is None:
-                break
             yield item
         if self.error is not None:
             raise self.error
