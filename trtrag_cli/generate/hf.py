@@ -163,8 +163,10 @@ class TransformersBackend:
         which they are cut short."""
         with generation_errors(self.name, (RuntimeError,), _HINT):
             started = time.perf_counter()
-            requests = [self._request(p, params, deadline=deadline) for p in prompts]
+            requests = []
             try:
+                for p in prompts:
+                    requests.append(self._request(p, params, deadline=deadline))
                 news = [r.result() for r in requests]
             finally:
                 for request in requests:

@@ -229,7 +229,7 @@ class GraphDecoder:
             batch, length = max(batch, have_batch), max(length, have_length)
             old = (self._cache, self.tokens, self.positions, self.temperature, self.top_k_index, self.top_p,
                    self.seeds)
-        self._cache = self._graphs = None
+        self._graphs = {}   # captured over the old buffers; the old cache stays until the new one is filled
         shape = (batch, self.n_kv, length, self.head_dim)
         cache = []
         for index in range(len(self.layers)):

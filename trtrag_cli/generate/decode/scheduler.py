@@ -217,7 +217,12 @@ class Scheduler:
         dec = self.decoder
         rows = len(self._rows) + len(fresh)
         longest = max(len(r.ids) + r.max_new_tokens for r in self._rows + fresh)
-        dec._ensure_cache(_bucket(rows, self.max_batch) if dec.graphs else rows, longest)
+        try:
+            dec._ensure_cache(_bucket(rows, self.max_batch) if dec.graphs else rows, longest)
+        except RuntimeError as exc:   # no room for the larger cache: the newcomers fail, the running go on
+            for request in fresh:
+                request._end(error=exc)
+            return
         now = time.monotonic()
         admitted = []
         for request in fresh:
