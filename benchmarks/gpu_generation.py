@@ -62,7 +62,7 @@ def profile_step(model, tok, setting: dict) -> dict:
     out = {}
     with torch.inference_mode():
         for _ in range(2):
-            dec.tokens[:1].copy_(dec._sample(dec.prefill(list(range(100, 1124)), 0)[None], *greedy))
+            dec.tokens[:1].copy_(dec._sample(dec.prefill(list(range(100, 1124)), 0)[None], 0, True, None))
         dec.positions[:1].fill_(1024)
         for _ in range(3):
             dec._advance(1, 1280, greedy)

@@ -16,46 +16,12 @@ import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from trtrag_cli.generate.base import GenerationError, LanguageModelGenerator, SamplingParams, StopFilter
 from trtrag_cli.generate.prompt import Prompt, build_prompt, citations
 from trtrag_cli.util.errors import TrtragError
-
-ROOT = Path(__file__).resolve().parents[1]
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory) -> Path:
-    """A 2-layer Llama with random weights and a byte-level BPE tokenizer trained on examples/corpus."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    texts = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted((ROOT / "examples" / "corpus").rglob("*"))
-             if p.is_file()]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", model_max_length=512)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -76,11 +42,13 @@ def _gen(backend, context=512, **params):
 
 def test_greedy_is_deterministic_and_streaming_gives_the_same_text(backend):
     gen = _gen(backend)
-    first = gen.answer("How fast is the TH-50 replaced?", PASSAGES[:2])
-    assert gen.last.prompt_tokens == len(gen.last_prompt.ids) and gen.last.output_tokens > 0
-    assert gen.last.ttft_ms is not None and gen.last.ttft_ms <= gen.last.total_ms
+    report = {}
+    first = gen.answer("How fast is the TH-50 replaced?", PASSAGES[:2], report)
+    last, prompt = report["generation"], report["prompt"]
+    assert last.prompt_tokens == len(prompt.ids) and last.output_tokens > 0
+    assert last.ttft_ms is not None and last.ttft_ms <= last.total_ms
     assert gen.answer("How fast is the TH-50 replaced?", PASSAGES[:2]) == first
-    batch = backend.generate([gen.last_prompt, gen.last_prompt], gen.params)  # a batch of two, left-padded
+    batch = backend.generate([prompt, prompt], gen.params)  # a batch of two, left-padded
     assert batch[0].text.strip() == batch[1].text.strip() == first
 
 
@@ -204,13 +172,14 @@ def test_openai_backend_fails_over_to_a_live_node_and_matches_local_generation(n
     dead = f"http://127.0.0.1:{_free_port()}/v1"
     remote = OpenAIBackend([dead, url], "tiny", str(tiny_lm), timeout_s=30)
     local = _gen(backend)
-    want = local.answer("How fast is the TH-50 replaced?", PASSAGES[:2])
+    report = {}
+    want = local.answer("How fast is the TH-50 replaced?", PASSAGES[:2], report)
     for _ in range(2):  # round-robin starts at the dead node once: failover must hide it
         got = _gen(remote).answer("How fast is the TH-50 replaced?", PASSAGES[:2])
         assert got == want
     gen = _gen(remote)
     assert "".join(gen.stream("How fast is the TH-50 replaced?", PASSAGES[:2])).strip() == want
-    replies = remote.generate([local.last_prompt] * 3, local.params)
+    replies = remote.generate([report["prompt"]] * 3, local.params)
     assert [r.extra["node"] for r in replies].count(url) == 3 and replies[0].output_tokens > 0
 
 
@@ -465,20 +434,24 @@ def test_the_fallback_answers_and_streams_before_the_first_piece_only(failing, t
     extractive = _extractive()
     expected = extractive.answer(question, passages)
     down = FallbackGenerator(_gen(OpenAIBackend([failing[500]], "tiny", str(tiny_lm))), extractive)
-    assert down.answer(question, passages) == expected and "HTTP 500" in down.warning and down.last is None
+    report = {}
+    assert down.answer(question, passages, report) == expected
+    assert "HTTP 500" in report["warning"] and report["generation"] is None
     # Before the first piece, the stream is the extractive answer, in one piece.
-    assert list(down.stream(question, passages)) == [expected]
-    assert "answered extractively" in down.warning and down.last is None
+    report = {}
+    assert list(down.stream(question, passages, report)) == [expected]
+    assert "answered extractively" in report["warning"] and report["generation"] is None
     # After a piece was sent, no second answer is mixed in: the stream ends with an error that says so.
     dying = FallbackGenerator(_gen(OpenAIBackend([failing["dying"]], "tiny", str(tiny_lm))), extractive)
-    got = []
+    got, report = [], {}
     with pytest.raises(GenerationError, match="failed mid-answer") as err:
-        for piece in dying.stream(question, passages):
+        for piece in dying.stream(question, passages, report):
             got.append(piece)
-    assert got == ["The first words"] and "incomplete" in err.value.message and dying.warning is None
+    assert got == ["The first words"] and "incomplete" in err.value.message and "warning" not in report
     # A prompt that cannot fit the model's context is this request's failure too.
     cramped = FallbackGenerator(_gen(backend, context=40), extractive)
-    assert cramped.answer(question, passages) == expected and "context" in cramped.warning
+    report = {}
+    assert cramped.answer(question, passages, report) == expected and "context" in report["warning"]
 
 
 def test_ask_falls_back_when_nodes_answer_429_and_500(cli, make_recipe, corpus_copy, tiny_lm, failing):

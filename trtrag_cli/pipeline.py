@@ -10,9 +10,10 @@ from trtrag_cli.recipe.schema import Recipe
 from trtrag_cli.util.errors import TrtragError
 
 
-def _generation_report(generator) -> dict | None:
-    """Token counts and speed of the last language-model answer (None for the extractive generator)."""
-    last, prompt = getattr(generator, "last", None), getattr(generator, "last_prompt", None)
+def _generation_report(generator, report: dict) -> dict | None:
+    """Token counts and speed of this request's language-model answer, from the `report` dict its generate call
+    filled (None for the extractive generator or the extractive fallback)."""
+    last, prompt = report.get("generation"), report.get("prompt")
     if last is None:
         return None
     return {"generator": generator.name, "prompt_tokens": last.prompt_tokens, "output_tokens": last.output_tokens,
@@ -125,19 +126,24 @@ class Pipeline:
         given = passages[: self.recipe.answer.passages]
         t0 = time.perf_counter()
         streamed = on_piece is not None and hasattr(self.generator, "stream")
+        # This request's prompt, generation and fallback warning: concurrent asks share the generator.
+        report: dict = {}
+        language_model = hasattr(self.generator, "stream")   # the extractive generator takes no report
         if streamed:
             pieces = []
-            for piece in self.generator.stream(question, given):
+            for piece in self.generator.stream(question, given, report):
                 pieces.append(piece)
                 on_piece(piece)
             answer = "".join(pieces).strip()
+        elif language_model:
+            answer = self.generator.answer(question, given, report)
         else:
             answer = self.generator.answer(question, given)
         timings["answer"] = (time.perf_counter() - t0) * 1e3
         timings["total"] = sum(timings.values())
-        generation = _generation_report(self.generator)
-        if getattr(self.generator, "warning", None):
-            warnings.append(self.generator.warning)
+        generation = _generation_report(self.generator, report)
+        if report.get("warning"):
+            warnings.append(report["warning"])
         if generation and generation.get("passages_dropped"):
             warnings.append(f"{generation['passages_dropped']} passage(s) did not fit the generator's context")
         return {

@@ -33,7 +33,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
     backend = None
     if cfg.answer.generator.backend != "extractive" or generate_only:  # open_backend refuses extractive
         backend = getattr(getattr(pipeline, "generator", None), "backend", None) if pipeline else None
-        backend = backend or open_backend(cfg.answer.generator)
+        backend = backend or open_backend(cfg.answer.generator, cfg.serve.generate_max_batch)
         model_context(backend, cfg.answer.generator)
     service = Service(pipeline, backend, model_name=Path(served_name(cfg.answer.generator)).name,
                       defaults=SamplingParams.from_recipe(cfg.answer.sampling))

@@ -4,6 +4,8 @@ A backend implements `generate(prompts, params) -> list[Generation]` (a batch, i
 `stream(prompt, params) -> Iterator[str]` (text pieces as they come), where a prompt is a
 `prompt.Prompt` (rendered text, token ids, the passages it holds). `LanguageModelGenerator` turns
 that into the `answer(question, passages)` that `ask` calls, with the prompt fitted to the context.
+Concurrent callers share one generator: what a request cost (its Generation, its Prompt, a fallback's
+warning) comes back through the `report` dict the caller passes, never through the generator's attributes.
 
 A request that fails at answer time (a node down or rate limited, the GPU out of memory, a runtime
 error inside TensorRT-LLM) raises `GenerationError` from every backend: one type for the CLI to print
@@ -36,6 +38,19 @@ def generation_errors(backend: str, kinds: tuple[type[BaseException], ...], hint
         detail = (str(exc).strip().splitlines() or [""])[0][:300]
         raise GenerationError(f"the {backend} generator failed: {type(exc).__name__}"
                               + (f": {detail}" if detail else ""), hint) from exc
+
+
+@contextmanager
+def closing_stream(pieces):
+    """An iterator over `pieces` that is closed on the way out of the block, early or not (a generator's close
+    runs its cleanup at once: the backends cancel the request there)."""
+    stream = iter(pieces)
+    try:
+        yield stream
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass(frozen=True)
@@ -115,15 +130,14 @@ class StopFilter:
 
 
 class LanguageModelGenerator:
-    """The `answer()` generator `ask` uses, over a backend with generate/stream and a tokenizer."""
+    """The `answer()` generator `ask` uses, over a backend with generate/stream and a tokenizer. Safe for
+    concurrent callers: each call's figures go into the `report` dict it passes (see `stream`)."""
 
     def __init__(self, backend, params: SamplingParams, context: int):
         self.backend = backend
         self.params = params
         self.context = context
         self.name = backend.name
-        self.last: Generation | None = None
-        self.last_prompt: Prompt | None = None
 
     def prompt(self, question: str, passages: list[dict]) -> Prompt:
         """The prompt for this question; one that cannot fit the context is this request's GenerationError."""
@@ -132,26 +146,31 @@ class LanguageModelGenerator:
         except TrtragError as exc:
             raise GenerationError(exc.message, exc.hint) from None
 
-    def answer(self, question: str, passages: list[dict]) -> str:
+    def answer(self, question: str, passages: list[dict], report: dict | None = None) -> str:
         """The whole answer; generated as a stream so that time to first token is measured too."""
-        return "".join(self.stream(question, passages)).strip()
+        return "".join(self.stream(question, passages, report)).strip()
 
-    def stream(self, question: str, passages: list[dict]) -> Iterator[str]:
-        """Answer pieces as they are generated; `last` holds the totals afterwards."""
+    def stream(self, question: str, passages: list[dict], report: dict | None = None) -> Iterator[str]:
+        """Answer pieces as they are generated. report, when given, gets "prompt" (the Prompt) at once and
+        "generation" (the Generation: tokens, TTFT, total) once the stream ends. Closing the iterator early
+        closes the backend's stream, which cancels the request."""
         prompt = self.prompt(question, passages)
-        self.last_prompt = prompt
+        if report is not None:
+            report["prompt"] = prompt
         started = time.perf_counter()
         first = None
         pieces = []
-        for piece in self.backend.stream(prompt, self.params):
-            if first is None and piece:
-                first = time.perf_counter()
-            pieces.append(piece)
-            yield piece
+        with closing_stream(self.backend.stream(prompt, self.params)) as stream:
+            for piece in stream:
+                if first is None and piece:
+                    first = time.perf_counter()
+                pieces.append(piece)
+                yield piece
         text = "".join(pieces)
         total = (time.perf_counter() - started) * 1e3
-        self.last = Generation(text, len(prompt.ids), self.backend.count_tokens(text),
-                               None if first is None else (first - started) * 1e3, total)
+        if report is not None:
+            report["generation"] = Generation(text, len(prompt.ids), self.backend.count_tokens(text),
+                                              None if first is None else (first - started) * 1e3, total)
 
     def close(self) -> None:
         closer = getattr(self.backend, "close", None)

@@ -4,14 +4,23 @@ On a GPU, Llama-family models decode through our own loop (graph_decode.py: fuse
 K/V cache, CUDA graphs, sampling on the device); `answer.generator.decode: transformers` or another architecture
 uses transformers' `generate` with its static cache (and with `answer.generator.compile`, a compiled forward).
 `answer.generator.compile` (on by default) applies on a GPU only.
-Stop sequences end generation early and are cut from the text. Streaming: the fast decoder hands over
-tokens every few steps; `generate` streams through `TextIteratorStreamer` on a worker thread.
+Stop sequences end generation early and are cut from the text.
+
+Concurrent requests share the model (`serve.generate_max_batch` rows, `max_batch` here):
+  - our decode loop batches continuously (decode/scheduler.py): a request joins the running decode steps
+    at the next step boundary and leaves when it ends, with its own sampling settings;
+  - transformers' `generate` batches per request: requests that arrive while a `generate` call runs go
+    into the next call together (left-padded; one call per distinct sampling setting, seeded per call),
+    so they wait for the running call to finish. Simpler and honest: no joining mid-way.
+`generate` and `stream` both go through them, so a stream never holds the model for itself; closing a
+stream early (the client went away) cancels its request, which leaves its batch at the next step.
 A RuntimeError while generating (torch's CUDA out-of-memory and device errors are RuntimeErrors) is
 raised as `GenerationError`, so `answer.fallback: extractive` catches it.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +43,7 @@ class TransformersBackend:
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", compile: bool = False,
                  static_cache: bool | None = None, decode: str = "auto", kernels: bool = True,
-                 deterministic: bool = True, pack_weights: bool = False):
+                 deterministic: bool = True, pack_weights: bool = False, max_batch: int = 16):
         torch = deps.require("torch", "the transformers generator")
         transformers = deps.require("transformers", "the transformers generator")
         check_causal_lm(model)
@@ -52,20 +61,20 @@ class TransformersBackend:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(
             model, **{torch_dtype_kwarg(): getattr(torch, DTYPES[dtype])}).to(device).eval()
         self._attach(loaded, tokenizer, torch.device(device), static_cache, decode, compile, kernels, deterministic,
-                     pack_weights)
+                     pack_weights, max_batch)
 
     @classmethod
     def from_model(cls, model, tokenizer, static_cache: bool | None = None, decode: str = "auto",
                    compile: bool = False, kernels: bool = True, deterministic: bool = False,
-                   pack_weights: bool = True) -> TransformersBackend:
+                   pack_weights: bool = True, max_batch: int = 16) -> TransformersBackend:
         """A backend over a model already in memory (benchmarks of random-weight shapes build it on the GPU)."""
         self = cls.__new__(cls)
         self._attach(model.eval(), tokenizer, next(model.parameters()).device, static_cache, decode, compile,
-                     kernels, deterministic, pack_weights)
+                     kernels, deterministic, pack_weights, max_batch)
         return self
 
     def _attach(self, model, tokenizer, device, static_cache: bool | None, decode: str, compile: bool,
-                kernels: bool, deterministic: bool, pack_weights: bool = False) -> None:
+                kernels: bool, deterministic: bool, pack_weights: bool = False, max_batch: int = 16) -> None:
         """Everything around a loaded model: left padding, context, KV cache, which decode loop, compilation."""
         torch = self._torch = deps.require("torch", "the transformers generator")
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -79,6 +88,10 @@ class TransformersBackend:
         if compile and self.decoder is None:
             model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
         self.compiled = compile
+        self.max_batch = max(1, int(max_batch))
+        if self.decoder is not None:
+            self.decoder.max_batch = self.max_batch
+        self._batcher = None if self.decoder is not None else _RequestBatcher(self, self.max_batch)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -125,33 +138,40 @@ class TransformersBackend:
         cut = next((i for i, t in enumerate(ids) if t in end), None)
         return (ids, False) if cut is None else (ids[:cut], True)
 
-    def _fast(self, prompts: list[Prompt], params: SamplingParams, on_tokens=None) -> list[list[int]]:
-        """New token ids per prompt from the fast decoder, stopping rows at an end id or stop string."""
+    def _request(self, prompt: Prompt, params: SamplingParams, stream: bool = False, deadline: float | None = None):
+        """A decode/scheduler.Request for this prompt, submitted to the scheduler or the request batcher."""
+        from trtrag_cli.generate.decode.scheduler import Request
+
+        if not prompt.ids:
+            raise RuntimeError("cannot generate from an empty prompt")
         decode = self.tokenizer.decode
+        stop = params.stop
 
-        def stopped(row: int, ids: list[int]) -> bool:
-            return cut_at_stop(decode(ids, skip_special_tokens=True), params.stop)[1]
+        def stopped(ids: list[int]) -> bool:
+            return cut_at_stop(decode(ids, skip_special_tokens=True), stop)[1]
 
-        return self.decoder.generate([p.ids for p in prompts], params.max_new_tokens,
-                                     (params.temperature, params.top_k, params.top_p), self._end_ids(),
-                                     stopped if params.stop else None, on_tokens, params.seed)
-
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
-        """Complete a batch of prompts together (the fast decoder, or one `generate` call)."""
-        with generation_errors(self.name, (RuntimeError,), _HINT):
-            return self._generate(prompts, params)
-
-    def _generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Generation]:
-        started = time.perf_counter()
+        request = Request(list(prompt.ids), params.max_new_tokens,
+                          (params.temperature, params.top_k, params.top_p), frozenset(self._end_ids()),
+                          stopped if stop else None, params.seed, stream=stream, deadline=deadline)
         if self.decoder is not None:
-            news = self._fast(prompts, params)
-        else:
-            ids, mask = self._inputs(prompts)
-            self._seed(params)
-            with self._torch.inference_mode():
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **self._kwargs(params))
-            news = [out[row, ids.shape[1]:].tolist() for row in range(len(prompts))]
-        total = (time.perf_counter() - started) * 1e3
+            return self.decoder.start_scheduler(self.max_batch).submit(request)
+        return self._batcher.submit(request, params)
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams,
+                 deadline: float | None = None) -> list[Generation]:
+        """Complete a batch of prompts (they join whatever else is decoding); deadline: time.monotonic() after
+        which they are cut short."""
+        with generation_errors(self.name, (RuntimeError,), _HINT):
+            started = time.perf_counter()
+            requests = []
+            try:
+                for p in prompts:
+                    requests.append(self._request(p, params, deadline=deadline))
+                news = [r.result() for r in requests]
+            finally:
+                for request in requests:
+                    request.cancel()
+            total = (time.perf_counter() - started) * 1e3
         results = []
         for p, new in zip(prompts, news):
             new, ended = self._cut_at_end(new)
@@ -160,71 +180,33 @@ class TransformersBackend:
             results.append(Generation(text, len(p.ids), len(new), None, total, "stop" if finished else "length"))
         return results
 
-    def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
-        """Text pieces as they are decoded; stop sequences never reach the caller."""
+    def stream(self, prompt: Prompt, params: SamplingParams, deadline: float | None = None) -> Iterator[str]:
+        """Text pieces as they are decoded; stop sequences never reach the caller. Closing the iterator early
+        cancels the request (its row is freed at the next step)."""
         with generation_errors(self.name, (RuntimeError,), _HINT):
-            yield from self._stream(prompt, params)
-
-    def _stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
-        if self.decoder is not None:
-            yield from self._stream_fast(prompt, params)
-            return
-        transformers = deps.require("transformers", "the transformers generator")
-        streamer = transformers.TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                                     timeout=600)
-        ids, mask = self._inputs([prompt])
-        self._seed(params)
-        failure: list[BaseException] = []
-
-        def work() -> None:
+            request = self._request(prompt, params, stream=True, deadline=deadline)
             try:
-                with self._torch.inference_mode():
-                    self.model.generate(input_ids=ids, attention_mask=mask, streamer=streamer,
-                                        **self._kwargs(params))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                failure.append(exc)
-                streamer.end()
+                yield from _held_at_stops(self._pieces(request), params.stop)
+            finally:
+                request.cancel()
 
-        worker = threading.Thread(target=work, name="generate", daemon=True)
-        worker.start()
-        yield from _held_at_stops(streamer, params.stop)
-        worker.join()
-        if failure:
-            raise failure[0]
-
-    def _stream_fast(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
-        """Stream from the fast decoder: it runs on a worker thread and hands over tokens every few steps."""
-        import queue
-
-        pieces: queue.Queue = queue.Queue()
-        sent = [""]
-
-        def on_tokens(ids: list[int], last: bool = False) -> None:
+    def _pieces(self, request) -> Iterator[str]:
+        """New text each time the request's tokens grow, a trailing half character held back until it is whole."""
+        sent = ""
+        ids: list[int] = []
+        for ids in request.updates():
+            ids, _ = self._cut_at_end(ids)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            # Hold back a trailing half character until its other bytes arrive (or generation ends).
-            if len(text) > len(sent[0]) and (last or not text.endswith("\ufffd")):
-                pieces.put(text[len(sent[0]):])
-                sent[0] = text
-
-        def work() -> None:
-            try:
-                on_tokens(self._fast([prompt], params, on_tokens)[0], last=True)  # ends before any end id
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                pieces.put(exc)
-            pieces.put(None)
-
-        def received() -> Iterator[str]:
-            while (piece := pieces.get()) is not None:
-                if isinstance(piece, BaseException):
-                    raise piece
-                yield piece
-
-        worker = threading.Thread(target=work, name="generate", daemon=True)
-        worker.start()
-        yield from _held_at_stops(received(), params.stop)
-        worker.join()
+            if len(text) > len(sent) and not text.endswith("\ufffd"):
+                yield text[len(sent):]
+                sent = text
+        text = self.tokenizer.decode(self._cut_at_end(ids)[0], skip_special_tokens=True)
+        if len(text) > len(sent):
+            yield text[len(sent):]
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         if self.decoder is not None:
             self.decoder.close()
         self.decoder = None
@@ -232,6 +214,102 @@ class TransformersBackend:
         if self.device.type == "cuda":
             self._torch.cuda.empty_cache()
 
+
+
+class _RequestBatcher:
+    """transformers' `generate` for concurrent requests: what arrives while a call runs goes into the next call,
+    up to max_batch prompts with equal sampling settings (others wait for a call of their own). Streams read
+    their rows through a streamer that splits the batch's tokens; a cancelled request's row is stopped by a
+    stopping criterion, and the call ends when every row has."""
+
+    def __init__(self, backend: TransformersBackend, max_batch: int):
+        self.backend, self.max_batch = backend, max_batch
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, request, params: SamplingParams):
+        request.submitted = time.monotonic()
+        with self._cond:
+            self._queue.append((request, params))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="generate-batcher", daemon=True)
+                self._thread.start()
+        return request
+
+    def close(self) -> None:
+        with self._cond:
+            for request, _ in self._queue:
+                request.cancel()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        from trtrag_cli.util.observe import emit
+
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._thread = None
+                    return
+                params = self._queue[0][1]
+                batch = [item for item in self._queue if item[1] == params][:self.max_batch]
+                for item in batch:
+                    self._queue.remove(item)
+            requests = []
+            for request, _ in batch:
+                if request.cancelled:
+                    request._end("cancelled")
+                else:
+                    requests.append(request)
+            if not requests:
+                continue
+            now = time.monotonic()
+            emit("batch", stage="generate", size=len(requests), wait_s=[now - r.submitted for r in requests])
+            try:
+                self._generate(requests, params)
+            except Exception as exc:  # noqa: BLE001 - re-raised in each caller's thread
+                for request in requests:
+                    request._end(error=exc)
+
+    def _generate(self, requests: list, params: SamplingParams) -> None:
+        backend = self.backend
+        torch = backend._torch
+        transformers = deps.require("transformers", "the transformers generator")
+        ids, mask = backend._inputs([Prompt("", r.ids, []) for r in requests])
+        end = backend._end_ids()
+
+        class Rows(transformers.generation.streamers.BaseStreamer):
+            def put(self, value) -> None:
+                if value.dim() != 1:   # the prompt comes first, as one [batch, length] tensor
+                    return
+                from trtrag_cli.util.observe import emit
+
+                emit("tokens", stage="generate", count=len(requests))
+                for request, token in zip(requests, value.tolist()):
+                    if request.finish is None and token in end:
+                        request.finish = "stop"
+                    elif request.finish is None:
+                        request.out.append(token)
+                        if request.stream:
+                            request._updates.put(list(request.out))
+
+            def end(self) -> None:
+                pass
+
+        class Cancelled(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.tensor([r.cancelled for r in requests], device=input_ids.device)
+
+        backend._seed(params)
+        with torch.inference_mode():
+            out = backend.model.generate(input_ids=ids, attention_mask=mask, streamer=Rows(),
+                                         stopping_criteria=transformers.StoppingCriteriaList([Cancelled()]),
+                                         **backend._kwargs(params))
+        for row, request in enumerate(requests):
+            request.out = out[row, ids.shape[1]:].tolist()
+            request._end("cancelled" if request.cancelled else "stop")
 
 
 def wants_fast_decoder(decode: str, on_gpu: bool) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from trtrag_cli.generate.base import GenerationError
+from trtrag_cli.generate.base import GenerationError, closing_stream
 from trtrag_cli.util.errors import TrtragError
 
 
@@ -24,8 +24,9 @@ class Generator(Protocol):
         """Answer text with [n] citations, n being the 1-based position in `passages`."""
 
 
-def open_backend(gen):
-    """The language-model backend of the recipe's `answer.generator` section; extractive has none (an error)."""
+def open_backend(gen, max_batch: int = 16):
+    """The language-model backend of the recipe's `answer.generator` section; extractive has none (an error).
+    max_batch: sequences decoded together (the recipe's serve.generate_max_batch; transformers only)."""
     if gen.backend == "extractive":
         raise TrtragError("answer.generator.backend is extractive: nothing to build, time or serve (it has no "
                           "language model)", "set answer.generator: {backend: transformers (or openai, "
@@ -35,7 +36,7 @@ def open_backend(gen):
 
         return TransformersBackend(gen.model, gen.device, gen.dtype, gen.compile,
                                    decode=gen.decode, kernels=gen.kernels, deterministic=gen.deterministic,
-                                   pack_weights=gen.pack_weights)
+                                   pack_weights=gen.pack_weights, max_batch=max_batch)
     if gen.backend == "openai":
         from trtrag_cli.generate.openai_node import OpenAIBackend
 
@@ -74,7 +75,7 @@ def open_generator(recipe, lexical) -> Generator:
         return extractive
     from trtrag_cli.generate.base import LanguageModelGenerator, SamplingParams
 
-    backend = open_backend(answer.generator)
+    backend = open_backend(answer.generator, recipe.serve.generate_max_batch)
     generator = LanguageModelGenerator(backend, SamplingParams.from_recipe(answer.sampling),
                                        model_context(backend, answer.generator))
     return FallbackGenerator(generator, extractive) if answer.fallback == "extractive" else generator
@@ -86,43 +87,43 @@ class FallbackGenerator:
     It catches `base.GenerationError`, the one type every backend raises for a failed request. A stream
     falls back only before its first piece: the extractive answer then comes as one piece. After text
     was sent, mixing in a second answer would read as one contradictory reply, so the stream ends with
-    a GenerationError saying the answer is incomplete instead.
+    a GenerationError saying the answer is incomplete instead. The warning goes into the caller's `report`
+    dict ("warning"), with "generation" None, so concurrent requests keep their own.
     """
 
     def __init__(self, primary, fallback):
         self.primary, self.fallback = primary, fallback
         self.name = primary.name
-        self.warning: str | None = None
 
-    def __getattr__(self, item):  # last, last_prompt, prompt, params, close ... come from the primary
+    def __getattr__(self, item):  # prompt, params, backend, close ... come from the primary
         return getattr(self.primary, item)
 
-    def _fell_back(self, exc) -> None:
-        self.warning = f"the {self.primary.name} generator failed ({exc.message}); answered extractively"
-        self.primary.last = None  # no language-model figures for an answer it did not give
+    def _fell_back(self, exc, report: dict | None) -> None:
+        if report is not None:
+            report["warning"] = f"the {self.primary.name} generator failed ({exc.message}); answered extractively"
+            report["generation"] = None  # no language-model figures for an answer it did not give
 
-    def answer(self, question: str, passages: list[dict]) -> str:
+    def answer(self, question: str, passages: list[dict], report: dict | None = None) -> str:
         """The primary's answer, or the fallback's when the primary raises GenerationError."""
-        self.warning = None
         try:
-            return self.primary.answer(question, passages)
+            return self.primary.answer(question, passages, report)
         except GenerationError as exc:
-            self._fell_back(exc)
+            self._fell_back(exc, report)
             return self.fallback.answer(question, passages)
 
-    def stream(self, question: str, passages: list[dict]) -> Iterator[str]:
+    def stream(self, question: str, passages: list[dict], report: dict | None = None) -> Iterator[str]:
         """The primary's pieces; before the first one, a failure streams the fallback's answer instead."""
-        self.warning = None
         sent = False
         try:
-            for piece in self.primary.stream(question, passages):
-                sent = sent or bool(piece)
-                yield piece
+            with closing_stream(self.primary.stream(question, passages, report)) as stream:
+                for piece in stream:
+                    sent = sent or bool(piece)
+                    yield piece
         except GenerationError as exc:
             if sent:
                 raise GenerationError(f"the {self.primary.name} generator failed mid-answer ({exc.message}); "
                                       "the text above is incomplete",
                                       "ask again; the extractive fallback replaces only an answer that has not "
                                       "started") from exc
-            self._fell_back(exc)
+            self._fell_back(exc, report)
             yield self.fallback.answer(question, passages)

@@ -21,13 +21,16 @@ float32, attention reading only the positions so far, and for greedy decoding no
 embedding and the argmax are read and taken inside them): 150-155 tok/s on H200 cards, 110 on an H100
 (docs/benchmarks.md, "Generation: Llama-2-13B shape"). Batches of two or more rows use the torch layer
 functions. On the CPU the same code runs without graphs; tests compare it with transformers token for token.
+
+Requests come and go through decode/scheduler.py (continuous batching): one thread owns the cache, active
+requests sit in rows [0, n), sampling settings are per row (temperature, top-k, top-p and seed tensors), and
+the sampling noise is a hash of (seed, position, token), so a request samples the same tokens whatever
+else shares its steps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 from dataclasses import dataclass
 
 from trtrag_cli.util import deps
@@ -35,12 +38,24 @@ from trtrag_cli.util.errors import TrtragError
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 LENGTH_STEP = 256          # cache lengths are rounded up to this, so a few graphs serve every request
-CHECK_EVERY = 8            # decode steps between host checks for end of sequence and stop strings
+_HASH_MASK = 0xFFFFFFFF
 
 
 def _rounded(length: int) -> int:
     """length rounded up to a multiple of LENGTH_STEP."""
     return -(-length // LENGTH_STEP) * LENGTH_STEP
+
+
+def gumbel_noise(torch, seeds, positions, vocab: int):
+    """Gumbel noise [rows, vocab] from a hash of (seed, position, token id): no generator state, so it is the
+    same inside a CUDA graph, in any batch and in any order of requests. Every product stays below 2**63."""
+    ids = torch.arange(vocab, device=seeds.device, dtype=torch.long)
+    h = ((seeds * 0x27D4EB2F + positions * 0x165667B1) & _HASH_MASK)[:, None] ^ ((ids * 0x61C88647) & _HASH_MASK)
+    for shift, factor in ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (12, 0x297A2D39)):
+        h = ((h ^ (h >> shift)) * factor) & _HASH_MASK
+    h = h ^ (h >> 15)
+    uniform = ((h >> 8).float() + 0.5) / float(1 << 24)     # in (0, 1), exact in float32
+    return -torch.log(-torch.log(uniform))
 
 
 def supports(model) -> str | None:
@@ -136,9 +151,13 @@ class GraphDecoder:
         self.head = model.lm_head.weight
         self._rope = None        # cos, sin: [context, head_dim], the model's own rotary embedding
         self._cache = None       # per layer (k, v): [batch, kv heads, length, head dim]
-        self._graphs: dict = {}  # (batch, attention span, sampling) -> captured CUDA graph
+        self._graphs: dict = {}  # (batch, attention span, greedy) -> captured CUDA graph
         self.tokens = self.positions = self._counts = self._scratch = None
-        self._lock = threading.Lock()   # one request at a time owns the cache (serve streams on threads)
+        # per row sampling settings: temperature (0 greedy), index of the top-k-th value (vocab - 1: off),
+        # top-p (1.0: off), seed of the row's noise
+        self.temperature = self.top_k_index = self.top_p = self.seeds = None
+        self.scheduler = None    # decode/scheduler.Scheduler, made on first use: it owns the cache from then on
+        self.max_batch = 16
         self._prefill, self._decode = self._prefill_layer, self._decode_layer
         if compile:  # fuses RMSNorm, RoPE and SiLU x up into single kernels; one compilation serves every layer
             self._prefill = torch.compile(self._prefill_layer, fullgraph=True)
@@ -198,24 +217,80 @@ class GraphDecoder:
     # ------------------------------------------------------------------------------------ cache
 
     def _ensure_cache(self, batch: int, length: int) -> None:
+        """Room for `batch` rows of `length` positions (rounded up); growing keeps every row's contents, so
+        requests in flight carry on (their graphs are captured again)."""
         torch = self.torch
         length = min(self.context, _rounded(length))
+        old = None
         if self._cache is not None:
             have_batch, _, have_length, _ = self._cache[0][0].shape
             if have_batch >= batch and have_length >= length:
                 return
             batch, length = max(batch, have_batch), max(length, have_length)
-        self._cache = self._graphs = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            old = (self._cache, self.tokens, self.positions, self.temperature, self.top_k_index, self.top_p,
+                   self.seeds)
+        self._graphs = {}   # captured over the old buffers; the old cache stays until the new one is filled
         shape = (batch, self.n_kv, length, self.head_dim)
-        self._cache = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                        torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
+        cache = []
+        for index in range(len(self.layers)):
+            pair = (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.dtype, device=self.device))
+            if old is not None:
+                for new, kept in zip(pair, old[0][index]):
+                    new[:kept.shape[0], :, :kept.shape[2]].copy_(kept)
+            cache.append(pair)
+        self._cache = cache
         self._graphs = {}
+        vocab = self.head.shape[0]
         self.tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.temperature = torch.zeros(batch, dtype=torch.float32, device=self.device)
+        self.top_k_index = torch.full((batch,), vocab - 1, dtype=torch.long, device=self.device)
+        self.top_p = torch.ones(batch, dtype=torch.float32, device=self.device)
+        self.seeds = torch.zeros(batch, dtype=torch.long, device=self.device)
+        if old is not None:
+            for new, kept in zip((self.tokens, self.positions, self.temperature, self.top_k_index, self.top_p,
+                                  self.seeds), old[1:]):
+                new[:kept.shape[0]].copy_(kept)
+            old = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         self._counts = torch.zeros(batch * self.n_kv, dtype=torch.int32, device=self.device)  # decode_kernels
         self._scratch = torch.zeros(1, dtype=torch.long, device=self.device)                  # and its argmax
+
+    def capacity(self) -> tuple[int, int]:
+        """Rows and positions the cache holds now (0, 0 before the first request)."""
+        if self._cache is None:
+            return 0, 0
+        return self._cache[0][0].shape[0], self._cache[0][0].shape[2]
+
+    def start_row(self, row: int, ids: list[int], sampling: tuple = (0.0, 0, 1.0), seed: int = 0) -> None:
+        """Prefill `ids` into cache row `row` with its sampling settings; its first token is in tokens[row]
+        and positions[row] is the prompt's length, ready to join the decode steps."""
+        torch = self.torch
+        temperature, top_k, top_p = sampling
+        vocab = self.head.shape[0]
+        self.temperature[row] = float(temperature)
+        self.top_k_index[row] = (top_k if 0 < top_k < vocab else vocab) - 1
+        self.top_p[row] = float(top_p)
+        self.seeds[row] = int(seed) & 0x7FFFFFFF
+        logits = self.prefill(ids, row)[None]
+        at = torch.full((1,), len(ids), dtype=torch.long, device=self.device)
+        self.tokens[row:row + 1].copy_(self._sample(logits, row, temperature <= 0, at))
+        self.positions[row] = len(ids)
+
+    def span(self, reach: int) -> int:
+        """The attention span a step uses when the furthest row's token sits at position reach - 1."""
+        return min(self._cache[0][0].shape[2], _rounded(reach))
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row `src` (its first `length` cache positions, token, position and sampling) into row `dst`."""
+        length = self.span(length)
+        for k_cache, v_cache in self._cache:
+            k_cache[dst, :, :length].copy_(k_cache[src, :, :length])
+            v_cache[dst, :, :length].copy_(v_cache[src, :, :length])
+        for tensor in (self.tokens, self.positions, self.temperature, self.top_k_index, self.top_p, self.seeds):
+            tensor[dst] = tensor[src]
 
     # ------------------------------------------------------------------------------------ forward
 
@@ -351,60 +426,77 @@ class GraphDecoder:
         """How many of the step's matrices are packed copies."""
         return sum(not isinstance(m, self.torch.Tensor) for m in self.step_matrix_list())
 
-    def _sample(self, logits, temperature: float, top_k: int, top_p: float):
-        """Next tokens [batch] from logits [batch, vocab], on the device and without host syncs."""
+    def _sample(self, logits, start: int, greedy: bool, at):
+        """Next tokens for rows [start, start + len(logits)) from logits [rows, vocab], each row with its own
+        temperature, top-k, top-p and seed (greedy rows take the argmax); `at` [rows] is the position each new
+        token will sit at. On the device, without host syncs. greedy: every row is greedy (argmax only)."""
         torch = self.torch
-        if temperature <= 0:
+        if greedy:
             return logits.argmax(-1)
-        logits = logits.float() / temperature
-        if top_k and top_k < logits.shape[-1]:
-            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p < 1.0:
-            ordered, order = torch.sort(logits, dim=-1, descending=True)
-            probs = ordered.softmax(-1)
-            drop = probs.cumsum(-1) - probs > top_p      # keep the smallest prefix reaching top_p
-            logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-        noise = -torch.log(-torch.log(torch.rand_like(logits).clamp_(1e-20, 1.0)))
-        return (logits + noise).argmax(-1)
+        rows = slice(start, start + logits.shape[0])
+        temperature = self.temperature[rows]
+        scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0)[:, None]
+        ordered, order = torch.sort(scaled, dim=-1, descending=True)
+        kth = ordered.gather(1, self.top_k_index[rows, None])
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+        probs = ordered.softmax(-1)
+        top_p = self.top_p[rows, None]
+        drop = (probs.cumsum(-1) - probs > top_p) & (top_p < 1.0)   # keep the smallest prefix reaching top_p
+        ordered = ordered.masked_fill(drop, float("-inf"))
+        filtered = torch.full_like(scaled, float("-inf")).scatter(-1, order, ordered)
+        sampled = (filtered + gumbel_noise(torch, self.seeds[rows], at, scaled.shape[-1])).argmax(-1)
+        return torch.where(temperature > 0, sampled, logits.argmax(-1))
 
-    def _advance(self, batch: int, span: int, sampling: tuple) -> None:
-        """Decode one token for every row: sample from the step's logits, write it back, move on."""
-        logits = self._step(batch, span, greedy=sampling[0] <= 0 and self.fused_greedy)
+    def _advance(self, batch: int, span: int, greedy) -> None:
+        """Decode one token for rows [0, batch): sample from the step's logits, write it back, move on.
+        greedy: every row is greedy (a (temperature, top_k, top_p) tuple is read as its temperature <= 0)."""
+        greedy = _all_greedy(greedy)
+        logits = self._step(batch, span, greedy=greedy and self.fused_greedy)
         if logits is None:            # the kernels took the greedy token themselves
             return
-        chosen = self._sample(logits, *sampling)
+        positions = self.positions[:batch]
+        chosen = self._sample(logits, 0, greedy, positions + 1)
         self.tokens[:batch].copy_(chosen)
-        self.positions[:batch].add_(1)
+        positions.add_(1)
 
-    def _graph(self, batch: int, span: int, sampling: tuple):
-        """The step for this batch size, attention span and sampling, captured once (until the cache grows)."""
+    def _graph(self, batch: int, span: int, greedy):
+        """The step for this batch size, attention span and greedy-or-not, captured once (until the cache grows);
+        the sampling settings are per row tensors, read by every replay."""
         torch = self.torch
-        key = (batch, span, sampling)
+        greedy = _all_greedy(greedy)
+        key = (batch, span, greedy)
         if key not in self._graphs:
-            # The warm-up run must leave no trace: not in the tokens, positions or the random stream
-            # (a seeded request then samples the same whether or not its graphs were captured first).
-            saved = self.tokens.clone(), self.positions.clone(), torch.cuda.get_rng_state(self.device)
+            # The warm-up run must leave no trace in the tokens or positions.
+            saved = self.tokens.clone(), self.positions.clone()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):   # warm-up run outside capture, as CUDA graphs require
-                self._advance(batch, span, sampling)
+                self._advance(batch, span, greedy)
             torch.cuda.current_stream().wait_stream(stream)
             self.tokens.copy_(saved[0])
             self.positions.copy_(saved[1])
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._advance(batch, span, sampling)
-            torch.cuda.set_rng_state(saved[2], self.device)
+                self._advance(batch, span, greedy)
             self._graphs[key] = graph
         return self._graphs[key]
+
+    def step(self, batch: int, span: int, greedy: bool) -> None:
+        """One decode step for rows [0, batch), replayed from a CUDA graph where graphs are on."""
+        if self.graphs:
+            self._graph(batch, span, greedy).replay()
+        else:
+            self._advance(batch, span, greedy)
 
     def close(self) -> None:
         """Free the K/V cache, the captured graphs and the packed matrices now (the compiled layer functions
         hold a reference back to this object, so without this they would wait for the garbage collector)."""
+        if self.scheduler is not None:
+            self.scheduler.close()
         self._cache = self._graphs = self._rope = None
         self.step_matrices = []       # the packed copies, if any
         self.tokens = self.positions = self._counts = self._scratch = None
+        self.temperature = self.top_k_index = self.top_p = self.seeds = None
         self._prefill = self._decode = None
         self.layers = []
 
@@ -413,54 +505,36 @@ class GraphDecoder:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: tuple = (0.0, 0, 1.0),
                  stop_ids: set[int] | frozenset = frozenset(), should_stop=None, on_tokens=None,
                  seed: int | None = None) -> list[list[int]]:
-        """New token ids for each prompt (ending before any end id), decoding all rows together.
+        """New token ids for each prompt (ending before any end id), through the scheduler: the prompts join
+        whatever else is being decoded, each in its own row.
 
         should_stop(row, ids) -> bool ends a row early (stop strings); on_tokens(ids_so_far) is called with
-        the first row's ids whenever new ones are known (streaming, first token included). A seed is set
-        under the lock, so concurrent requests cannot reseed each other's sampling.
+        the first row's ids whenever new ones are known (streaming, first token included). Each row's
+        sampling noise comes from `seed` (a random one when None) and its positions only.
         """
-        torch = self.torch
-        batch = len(prompts)
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.context:
-            raise TrtragError(f"prompt ({longest} tokens) plus {max_new_tokens} new tokens exceed the model's "
-                              f"{self.context}", "lower answer.sampling.max_new_tokens or answer.generator.context")
-        # On the model's own GPU: CUDA graphs and Triton launch on the current device, which may be another.
-        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with self._lock, on_device, torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)   # seeds the CUDA generators too
-            self._ensure_cache(batch, longest + max_new_tokens)
-            first = torch.stack([self.prefill(ids, row) for row, ids in enumerate(prompts)])
-            self.tokens[:batch].copy_(self._sample(first, *sampling))
-            self.positions[:batch].copy_(torch.tensor([len(p) for p in prompts], device=self.device))
-            produced = [self.tokens[:batch].clone()]
-            if on_tokens:
-                on_tokens(produced[0][:1].tolist())
-            capacity = self._cache[0][0].shape[2]
-            out: list[list[int]] = [[] for _ in prompts]
-            done = [False] * batch
-            for step in range(1, max_new_tokens + 1):
-                if step % CHECK_EVERY == 0 or step == max_new_tokens:
-                    block = torch.stack(produced, 1).tolist()
-                    produced = []
-                    for row in range(batch):
-                        if not done[row]:
-                            for token in block[row]:
-                                if token in stop_ids or len(out[row]) >= max_new_tokens:
-                                    done[row] = True
-                                    break
-                                out[row].append(token)
-                            done[row] = done[row] or bool(should_stop and should_stop(row, out[row]))
-                    if on_tokens:
-                        on_tokens(out[0])
-                    if all(done) or step == max_new_tokens:
-                        break
-                # The token decoded now sits at position longest + step - 1 at most.
-                span = min(capacity, _rounded(longest + step))
-                if self.graphs:
-                    self._graph(batch, span, sampling).replay()
-                else:
-                    self._advance(batch, span, sampling)
-                produced.append(self.tokens[:batch].clone())
-        return out
+        from trtrag_cli.generate.decode.scheduler import Request
+
+        requests = [Request(ids, max_new_tokens, tuple(sampling), frozenset(stop_ids),
+                            None if should_stop is None else (lambda out, row=row: should_stop(row, out)), seed,
+                            stream=on_tokens is not None and row == 0)
+                    for row, ids in enumerate(prompts)]
+        scheduler = self.start_scheduler()
+        for request in requests:
+            scheduler.submit(request)
+        if on_tokens is not None:
+            for ids in requests[0].updates():
+                on_tokens(ids)
+        return [request.result() for request in requests]
+
+    def start_scheduler(self, max_batch: int | None = None):
+        """The decode/scheduler.Scheduler that owns this decoder's cache (made on first use)."""
+        if self.scheduler is None:
+            from trtrag_cli.generate.decode.scheduler import Scheduler
+
+            self.scheduler = Scheduler(self, max_batch or self.max_batch)
+        return self.scheduler
+
+
+def _all_greedy(greedy) -> bool:
+    """greedy as a bool; the benchmarks' (temperature, top_k, top_p) tuples are read by their temperature."""
+    return greedy[0] <= 0 if isinstance(greedy, tuple) else bool(greedy)
