@@ -16,47 +16,12 @@ import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from trtrag_cli.generate.base import GenerationError, LanguageModelGenerator, SamplingParams, StopFilter
 from trtrag_cli.generate.prompt import Prompt, build_prompt, citations
 from trtrag_cli.util.errors import TrtragError
-
-ROOT = Path(__file__).resolve().parents[1]
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory) -> Path:
-    """A 2-layer Llama with random weights and a byte-level BPE tokenizer trained on examples/corpus."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    texts = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted((ROOT / "examples" / "corpus").rglob("*"))
-             if p.is_file()]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", model_max_length=512)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
-
 
 @pytest.fixture(scope="session")
 def backend(tiny_lm):
@@ -178,16 +143,19 @@ def test_bad_model_paths_are_one_line_errors(tmp_path, tiny_lm):
 # ------------------------------------------------------------------------------------ the HTTP node
 
 @pytest.fixture(scope="module")
-def node(backend):
-    from trtrag_cli.serve.server import Service, make_server
+def node(tiny_lm):
+    """`trtrag serve --generate-only` on loopback, over the tiny model (served as 'tiny')."""
+    from trtrag_cli.recipe.schema import load_recipe
+    from trtrag_cli.serve.app import make_app
+    from trtrag_cli.serve.run import running
+    from trtrag_cli.serve.state import Service
 
-    service = Service(None, backend, model_name="tiny", max_wait_ms=20)
-    server = make_server(service, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", service
-    server.shutdown()
-    server.server_close()
+    recipe = load_recipe(None, [f"answer.generator={{backend: transformers, model: {tiny_lm}, device: cpu}}",
+                                "serve.access_log=off"])
+    service = Service(recipe, generate_only=True).load()
+    service.generator_id = "tiny"
+    with running(make_app(service), service) as url:
+        yield f"{url}/v1", service
     service.close()
 
 
