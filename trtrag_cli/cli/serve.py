@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -34,3 +35,8 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="Address to li
     service = Service(cfg, generate_only).preflight()
     sock = bind(cfg.serve.host, cfg.serve.port)
     run_server(make_app(service, key), service, sock)
+    # Drained. A generation still running on a worker thread (cut off past serve.drain_s) would abort
+    # the interpreter's teardown inside torch; the server's work is done, so leave at once with 0.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -205,7 +205,10 @@ async def _sse(answer: Answer, pieces, deadline: float, metrics: Metrics, includ
         yield _event("[DONE]")
         finished = True
     finally:
-        pieces.close()  # no thread runs it now: a cancelled await above waited for its next() to return
+        try:
+            pieces.close()  # a cancelled await above waited for its next() to return...
+        except ValueError:
+            pass  # ...unless uvicorn cancelled it past serve.drain_s: the worker thread still runs it
         if not finished:
             metrics.cancelled.inc()
 

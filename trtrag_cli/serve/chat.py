@@ -52,6 +52,10 @@ class Answer:
         self.ttft_ms: float | None = None
         self.text = ""
         self.pipeline = None
+        if not self.plain and req.model not in ("", service.rag_id):
+            names = ", ".join(m["id"] for m in service.models() if m["kind"] != "embeddings")
+            raise RequestError(404, f"no chat model '{req.model}'; this server has: {names}", "model",
+                               "model_not_found")
         if self.plain and service.backend is None:
             raise RequestError(404, "this server has no language-model generator for plain chat "
                                "(answer.generator.backend is extractive); ask the RAG model "
