@@ -151,7 +151,7 @@ def node(tiny_lm):
     from trtrag_cli.serve.state import Service
 
     recipe = load_recipe(None, [f"answer.generator={{backend: transformers, model: {tiny_lm}, device: cpu}}",
-                                "serve.access_log=off"])
+                                "serve.access_log='off'"])
     service = Service(recipe, generate_only=True).load()
     service.generator_id = "tiny"
     with running(make_app(service), service) as url:
