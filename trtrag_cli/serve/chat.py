@@ -42,8 +42,8 @@ class Answer:
         self.service, self.req = service, req
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self.model = req.model or (service.generator_id if service.wants_plain(req.model) else service.rag_id)
         self.plain = service.wants_plain(req.model)
+        self.model = req.model or (service.generator_id if self.plain else service.rag_id)
         self.passages: list[dict] | None = None
         self.timings_ms: dict = {}
         self.warnings: list[str] = []
