@@ -146,16 +146,19 @@ def test_bad_model_paths_are_one_line_errors(tmp_path, tiny_lm):
 # ------------------------------------------------------------------------------------ the HTTP node
 
 @pytest.fixture(scope="module")
-def node(backend):
-    from trtrag_cli.serve.server import Service, make_server
+def node(tiny_lm):
+    """`trtrag serve --generate-only` on loopback, over the tiny model (served as 'tiny')."""
+    from trtrag_cli.recipe.schema import load_recipe
+    from trtrag_cli.serve.app import make_app
+    from trtrag_cli.serve.run import running
+    from trtrag_cli.serve.state import Service
 
-    service = Service(None, backend, model_name="tiny", max_wait_ms=20)
-    server = make_server(service, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", service
-    server.shutdown()
-    server.server_close()
+    recipe = load_recipe(None, [f"answer.generator={{backend: transformers, model: {tiny_lm}, device: cpu}}",
+                                "serve.access_log='off'"])
+    service = Service(recipe, generate_only=True).load()
+    service.generator_id = "tiny"
+    with running(make_app(service), service) as url:
+        yield f"{url}/v1", service
     service.close()
 
 

@@ -24,6 +24,18 @@ def _generation_report(generator, report: dict) -> dict | None:
             "passages_dropped": prompt.dropped if prompt else 0, "passage_cut": prompt.cut if prompt else False}
 
 
+def _rebound(generator, lexical):
+    """The generator over another index's BM25 statistics (the extractive answer and fallback use them)."""
+    from trtrag_cli.generate.extractive import ExtractiveGenerator
+    from trtrag_cli.generate.registry import FallbackGenerator
+
+    if isinstance(generator, ExtractiveGenerator):
+        return ExtractiveGenerator(lexical, generator.max_sentences)
+    if isinstance(generator, FallbackGenerator):
+        return FallbackGenerator(generator.primary, _rebound(generator.fallback, lexical))
+    return generator
+
+
 def check_question(question: str) -> str:
     """Reject empty questions; strip whitespace."""
     q = (question or "").strip()
@@ -80,8 +92,15 @@ class Pipeline:
         return self.shared.generation
 
     def refresh(self) -> bool:
-        """Swap in the workspace's newly published index generation, if any (cheap: see SharedRetriever)."""
-        return self.shared.refresh()
+        """Swap in the workspace's newly published index generation, if any (cheap: see SharedRetriever).
+
+        The extractive generator weighs words by the index's BM25 statistics, so it is rebuilt over the new
+        index too (one assignment: a request holds the generator it began with).
+        """
+        swapped = self.shared.refresh()
+        if swapped:
+            self.generator = _rebound(self.generator, self.shared.retriever.lexical)
+        return swapped
 
     def passages(self, rows, scores, k: int, retriever=None) -> list[dict]:
         """The top-k chunk records as plain dicts, numbered from 1 for citations."""
@@ -113,7 +132,7 @@ class Pipeline:
         With on_piece, a generator that can stream hands each piece of the answer to it as it comes.
         """
         question = check_question(question)
-        retriever = self.retriever  # this request keeps it, whatever refresh() swaps in meanwhile
+        retriever, generator = self.retriever, generator  # kept, whatever refresh() swaps in meanwhile
         warnings = []
         n_tokens = len(self._counter.encode(question).ids)  # special tokens included, as the encoder sees it
         max_tokens = retriever.encoder.max_tokens
@@ -125,23 +144,23 @@ class Pipeline:
         passages = self.passages(ranking.rows, ranking.scores, k, retriever)
         given = passages[: self.recipe.answer.passages]
         t0 = time.perf_counter()
-        streamed = on_piece is not None and hasattr(self.generator, "stream")
+        streamed = on_piece is not None and hasattr(generator, "stream")
         # This request's prompt, generation and fallback warning: concurrent asks share the generator.
         report: dict = {}
-        language_model = hasattr(self.generator, "stream")   # the extractive generator takes no report
+        language_model = hasattr(generator, "stream")   # the extractive generator takes no report
         if streamed:
             pieces = []
-            for piece in self.generator.stream(question, given, report):
+            for piece in generator.stream(question, given, report):
                 pieces.append(piece)
                 on_piece(piece)
             answer = "".join(pieces).strip()
         elif language_model:
-            answer = self.generator.answer(question, given, report)
+            answer = generator.answer(question, given, report)
         else:
-            answer = self.generator.answer(question, given)
+            answer = generator.answer(question, given)
         timings["answer"] = (time.perf_counter() - t0) * 1e3
         timings["total"] = sum(timings.values())
-        generation = _generation_report(self.generator, report)
+        generation = _generation_report(generator, report)
         if report.get("warning"):
             warnings.append(report["warning"])
         if generation and generation.get("passages_dropped"):

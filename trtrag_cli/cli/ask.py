@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -17,6 +18,10 @@ def ask(question: str = typer.Argument(..., help="The question."),
         mode: Optional[str] = typer.Option(None, "--mode", help="Rerank mode: hybrid, rrf, bm25 or dense "
                                            "(retrieve.mode)."),
         stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
+        server: Optional[str] = typer.Option(None, "--server", help="Ask a running `trtrag serve` at this URL "
+                                             "instead of opening the index here."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", help="Key for --server (default: the variable "
+                                              "named by serve.api_key_env)."),
         recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
         as_json: bool = JsonOpt) -> None:
     """Answer a question from the index, with numbered citations."""
@@ -29,8 +34,14 @@ def ask(question: str = typer.Argument(..., help="The question."),
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    with Pipeline(cfg, max_wait_ms=0) as pipe:  # one question: nothing to wait for
-        result = pipe.ask(question, on_piece=show if stream and not as_json else None)
+    if server:
+        from trtrag_cli.serve import client
+
+        key = api_key or os.environ.get(cfg.serve.api_key_env) or None
+        result = client.ask(server, question, top_k, mode, key)  # the server does not stream /v1/ask
+    else:
+        with Pipeline(cfg, max_wait_ms=0) as pipe:  # one question: nothing to wait for
+            result = pipe.ask(question, on_piece=show if stream and not as_json else None)
     if as_json:
         emit_json(result)
         return
