@@ -132,7 +132,7 @@ class Pipeline:
         With on_piece, a generator that can stream hands each piece of the answer to it as it comes.
         """
         question = check_question(question)
-        retriever, generator = self.retriever, generator  # kept, whatever refresh() swaps in meanwhile
+        retriever, generator = self.retriever, self.generator  # kept, whatever refresh() swaps in meanwhile
         warnings = []
         n_tokens = len(self._counter.encode(question).ids)  # special tokens included, as the encoder sees it
         max_tokens = retriever.encoder.max_tokens
