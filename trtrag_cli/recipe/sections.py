@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The precisions each concrete encoder backend has (encode/<backend>.py; onnxruntime's int8 is the
 # calibrated engine of `trtrag build-engine --int8`). Kept here because the recipe layer imports nothing
@@ -262,6 +262,11 @@ class ServeConfig(Section):
     timeout_s: float = Field(120.0, gt=0, description="Per-request limit; past it 504 and the work is cancelled.")
     drain_s: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight requests may finish.")
     access_log: Literal["text", "json", "off"] = Field("text", description="Access log on stderr: text, json or off.")
+
+    @field_validator("access_log", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
     retrieve_max_batch: int = Field(32, ge=1, description=(
         "Concurrent questions encoded and searched together: larger batches, more throughput under load."))
     retrieve_max_wait_ms: float = Field(2.0, ge=0, description=(
