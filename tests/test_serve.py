@@ -157,7 +157,7 @@ def test_retrieve_gives_passages_scores_and_timings(rag):
     assert got["passages"][0]["source"] == "policies/returns-and-rma-policy.md"
     scores = [p["score"] for p in got["passages"]]
     assert scores == sorted(scores, reverse=True)
-    assert set(got["timings_ms"]) == {"encode", "search", "rerank", "total"}
+    assert set(got["timings_ms"]) == {"queue", "encode", "search", "rerank", "total"}
 
 
 def test_embeddings_through_the_openai_client(rag):
