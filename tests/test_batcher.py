@@ -76,3 +76,25 @@ def test_a_named_stage_emits_each_batch_with_its_queue_waits():
     assert [e for e, _ in seen] == ["batch"] * len(b.batches)
     assert [f["size"] for _, f in seen] == b.batches and sum(b.batches) == 6
     assert all(f["stage"] == "retrieve" and len(f["wait_s"]) == f["size"] and min(f["wait_s"]) >= 0 for _, f in seen)
+
+
+def test_several_workers_run_batches_at_once_and_close_cleanly():
+    """Two workers: a second batch starts while the first is still running (each waits for the other)."""
+    both_running = threading.Barrier(2, timeout=10)
+
+    def fn(items):
+        both_running.wait()  # only passes when two batches are inside fn at the same time
+        return [i * 2 for i in items]
+
+    batcher = Batcher(fn, max_batch=1, max_wait_ms=0, workers=2)
+    results = {}
+    callers = [threading.Thread(target=lambda i=i: results.update({i: batcher(i, timeout=10)})) for i in (1, 2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    batcher.close()
+    assert results == {1: 2, 2: 4} and sorted(batcher.batches) == [1, 1]
+    assert not any(w.is_alive() for w in batcher._workers)
+    with pytest.raises(TrtragError):
+        Batcher(fn, workers=0)

@@ -52,15 +52,16 @@ class Pipeline:
     newly published index generation between requests.
     """
 
-    def __init__(self, recipe: Recipe, max_wait_ms: float | None = None):
+    def __init__(self, recipe: Recipe, max_wait_ms: float | None = None, workers: int | None = None):
         """max_wait_ms: how long a batch waits for more questions (None: serve.retrieve_max_wait_ms; a
-        one-question command passes 0, so it never waits for company that cannot come)."""
+        one-question command passes 0, so it never waits for company that cannot come). workers: retrieval
+        batches at once (None: serve.retrieve_workers; a one-question command passes 1)."""
         from trtrag_cli.encode.models import chunk_tokenizer
         from trtrag_cli.generate.registry import open_generator
         from trtrag_cli.retrieve.shared import SharedRetriever
 
         self.recipe = recipe
-        self.shared = SharedRetriever(recipe, max_wait_ms=max_wait_ms)
+        self.shared = SharedRetriever(recipe, max_wait_ms=max_wait_ms, workers=workers)
         try:
             self.generator = open_generator(recipe, self.shared.retriever.lexical)
             self._counter = chunk_tokenizer(recipe)

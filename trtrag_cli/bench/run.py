@@ -496,7 +496,7 @@ def _pipeline_stage_report(recipe, encoder, texts, clients, per_client, reps, lo
                       "rrf": "reciprocal rank fusion of dense and BM25", "hybrid": "weighted normalised dense + BM25"
                       }[mode]}
     log(f"retrieval stage: {mode} through the pipeline's batch worker, {reps} questions one at a time")
-    with SharedRetriever(recipe, max_wait_ms=0, retriever=retriever) as alone:
+    with SharedRetriever(recipe, max_wait_ms=0, retriever=retriever, workers=1) as alone:
         out["batch1"] = bench_stage(pipeline_stage(alone), texts, reps)
         with SharedRetriever(recipe, retriever=retriever) as crowd:  # serve's batching settings
             out["concurrent"] = bench_concurrent(lambda t: crowd.rank(t), crowd.batcher, texts, clients,

@@ -40,7 +40,7 @@ def ask(question: str = typer.Argument(..., help="The question."),
         key = api_key or os.environ.get(cfg.serve.api_key_env) or None
         result = client.ask(server, question, top_k, mode, key)  # the server does not stream /v1/ask
     else:
-        with Pipeline(cfg, max_wait_ms=0) as pipe:  # one question: nothing to wait for
+        with Pipeline(cfg, max_wait_ms=0, workers=1) as pipe:  # one question: nothing to wait for
             result = pipe.ask(question, on_piece=show if stream and not as_json else None)
     if as_json:
         emit_json(result)

@@ -269,6 +269,9 @@ class ServeConfig(Section):
         return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
     retrieve_max_batch: int = Field(32, ge=1, description=(
         "Concurrent questions encoded and searched together: larger batches, more throughput under load."))
+    retrieve_workers: int | None = Field(None, ge=1, description=(
+        "Retrieval batches run at once. null = one per physical core when the encoder runs on the CPU (each "
+        "then on one thread: more throughput than one batch on all cores), one with a GPU encoder."))
     retrieve_max_wait_ms: float = Field(2.0, ge=0, description=(
         "How long the first question of a batch waits for others; 0 = never waits (batches only form under load)."))
     generate_max_batch: int = Field(16, ge=1, description=(

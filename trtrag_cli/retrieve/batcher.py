@@ -21,15 +21,18 @@ from trtrag_cli.util.observe import emit
 
 
 class Batcher:
-    """Runs fn(list of items) -> list of results (same order) on a worker thread, in batches.
+    """Runs fn(list of items) -> list of results (same order) on worker threads, in batches.
+
+    workers > 1 runs that many batches at once (fn must then be safe to call from several threads): on a
+    CPU, two one-thread encoder runs side by side do more per second than one run on two threads.
 
     With `stage` set, each batch emits `batch` (util.observe): stage, size, and wait_s, each item's time
     in the queue before its batch started.
     """
 
     def __init__(self, fn: Callable[[list], Sequence], max_batch: int = 32, max_wait_ms: float = 1.0,
-                 name: str = "batcher", stage: str | None = None):
-        if max_batch < 1 or max_wait_ms < 0:
+                 name: str = "batcher", stage: str | None = None, workers: int = 1):
+        if max_batch < 1 or max_wait_ms < 0 or workers < 1:
             raise TrtragError(f"batching needs max_batch >= 1 and max_wait_ms >= 0, got {max_batch} and "
                               f"{max_wait_ms}", "fix the serve.* settings in the recipe")
         self.fn = fn
@@ -39,8 +42,10 @@ class Batcher:
         self.batches: list[int] = []  # size of every batch run, for reports and tests
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
-        self._worker = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+                         for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
 
     def submit(self, item: Any) -> Future:
         """Queue one item; the future resolves to its result (or the batch's exception)."""
@@ -95,11 +100,13 @@ class Batcher:
                 future.set_result(result)
 
     def close(self) -> None:
-        """Finish what is queued, then stop the worker."""
+        """Finish what is queued, then stop the workers."""
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-            self._worker.join()
+            for _ in self._workers:
+                self._queue.put(None)
+            for worker in self._workers:
+                worker.join()
 
     def __enter__(self) -> Batcher:
         return self

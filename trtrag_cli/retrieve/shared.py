@@ -34,21 +34,41 @@ class _Query:
     submitted: float = field(default_factory=time.perf_counter)
 
 
+def _on_cpu(recipe: Recipe) -> bool:
+    """Whether the recipe's encoder runs on ONNX Runtime's CPU session (the one encoder `threads` applies to)."""
+    from trtrag_cli.encode.artifacts import resolve_recipe_backend
+
+    return resolve_recipe_backend(recipe).backend == "onnxruntime"
+
+
+def _cpu_workers(recipe: Recipe) -> int:
+    """serve.retrieve_workers left null: a batch per physical core for a CPU encoder, else one."""
+    if not _on_cpu(recipe):
+        return 1
+    from trtrag_cli.encode.onnxruntime import physical_cores
+
+    return physical_cores()
+
+
 class SharedRetriever:
     """A Retriever behind a Batcher; rank() may be called from any thread. A context manager."""
 
     def __init__(self, recipe: Recipe, max_batch: int | None = None, max_wait_ms: float | None = None,
-                 retriever: Retriever | None = None):
+                 retriever: Retriever | None = None, workers: int | None = None):
         """max_batch / max_wait_ms: None takes serve.retrieve_max_batch / serve.retrieve_max_wait_ms (a
         one-question command passes max_wait_ms 0: no company can come). retriever: one already open
         (its encoder then belongs to it), else the workspace's is opened."""
         self.recipe = recipe
+        workers = workers or recipe.serve.retrieve_workers or _cpu_workers(recipe)
+        if retriever is None and workers > 1 and recipe.encoder.threads is None and _on_cpu(recipe):
+            recipe = recipe.model_copy(deep=True)  # each batch's encoder run on one core of its own
+            recipe.encoder.threads = 1
         self.retriever = retriever or Retriever(recipe)
         serve = recipe.serve
         try:
             self.batcher = Batcher(self._rank_batch, max_batch=serve.retrieve_max_batch if max_batch is None
                                    else max_batch, max_wait_ms=serve.retrieve_max_wait_ms if max_wait_ms is None
-                                   else max_wait_ms, name="retrieve", stage="retrieve")
+                                   else max_wait_ms, name="retrieve", stage="retrieve", workers=workers)
         except BaseException:
             if retriever is None:
                 self.retriever.close()
