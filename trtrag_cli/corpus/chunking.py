@@ -185,11 +185,12 @@ def chunk_stream(source: str, title: str, lines: Iterable[str], tokenizer: Token
         if not done:
             cut = text.rfind("\n") + 1 or len(text)  # lines end in \n; this guards other iterables
             text, rest = text[:cut], text[cut:]
-        offsets = tokenizer.encode(text, add_special_tokens=False)
-        spans = list(_windows(text, offsets.offsets, offsets.word_ids, max_tokens, overlap)) if len(offsets) else []
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        offsets = encoding.offsets  # a property that builds a new list: read it once
+        spans = list(_windows(text, offsets, encoding.word_ids, max_tokens, overlap)) if offsets else []
         keep = spans if done else spans[:-1]
         for i, j in keep:
-            start, end = offsets.offsets[i][0], offsets.offsets[j - 1][1]
+            start, end = offsets[i][0], offsets[j - 1][1]
             piece = text[start:end]
             yield Chunk(id=f"{source}#{ordinal}", source=source, ordinal=ordinal, title=title, text=piece,
                         start=base + start, end=base + end,
@@ -198,7 +199,7 @@ def chunk_stream(source: str, title: str, lines: Iterable[str], tokenizer: Token
         if done:
             return
         # Carry the last (unfinished) window; a text without tokens is dropped whole.
-        start = offsets.offsets[spans[-1][0]][0] if spans else len(text)
+        start = offsets[spans[-1][0]][0] if spans else len(text)
         carry, base = text[start:] + rest, base + start
 
 
