@@ -138,7 +138,7 @@ def test_doctor_fails_on_a_truncated_index_file(cli, indexed_copy, damaged):
     path = gen / damaged
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     problems = _doctor_fails_as_ask_does(cli, "--recipe", recipe)
-    assert len(problems) == 1 and problems[0].startswith("index: ") and "re-run trtrag index" in problems[0]
+    assert len(problems) == 1 and problems[0].startswith("index: ") and "trtrag index <corpus> --rebuild" in problems[0]
 
 
 def test_doctor_fails_when_the_index_was_built_by_another_encoder(cli, indexed_copy):

@@ -370,3 +370,48 @@ def test_overlap_must_be_smaller_than_window(tokenizer):
         chunk_document(doc, tokenizer, max_tokens=32, overlap=32)
     with pytest.raises(ValueError):
         chunk_documents([doc], tokenizer, max_tokens=0, overlap=0)
+
+
+# --- large files as streams --------------------------------------------------------------------
+
+
+def _paragraphs(n: int) -> str:
+    return "\n".join(sentences(3 + k % 5) + ("\n" if k % 4 == 0 else "") for k in range(n)) + "\n"
+
+
+def test_a_streamed_text_gives_the_chunks_of_the_whole_text(tokenizer, monkeypatch):
+    import trtrag_cli.corpus.chunking as chunking
+
+    text = _paragraphs(400)
+    whole = chunk_document(Document("big.txt", "T", text), tokenizer, max_tokens=48, overlap=8)
+    monkeypatch.setattr(chunking, "STREAM_WINDOW", 3000)  # many windows, each cut after a newline
+    streamed = list(chunking.chunk_stream("big.txt", "T", text.splitlines(keepends=True), tokenizer, 48, 8))
+    assert len(whole) > 50 and streamed == whole
+
+
+def test_large_files_stream_with_the_small_file_rules(tmp_path, monkeypatch, tokenizer):
+    import trtrag_cli.corpus.loaders as loaders
+    from trtrag_cli.corpus.streams import StreamedDocument
+
+    body = _paragraphs(60)
+    page = ("<html><head><title> Big  page </title><style>p{}</style></head><body><h1>Top</h1>"
+            + "".join(f"<p>{s}</p>" for s in body.splitlines() if s)
+            + "<table><tr><td>a</td><td> b </td></tr></table><script>x=1</script><pre>kept\n  lines</pre>"
+              "<br/>tail &amp; end</body></html>")
+    write(tmp_path / "a.md", "```\n# not a title\n```\n# Real title\n\r\n" + body)
+    write(tmp_path / "b.html", page)
+    write(tmp_path / "c.jsonl", "\n".join(json.dumps({"id": f"r{k}", "text": f"record {k}"}) for k in range(30))
+          + "\nnot json\n")
+    small, _ = load_all([tmp_path])
+    monkeypatch.setattr(loaders, "STREAM_BYTES", 10)
+    entries, report = scan([tmp_path])
+    big = [d for e in entries for d in loaders.iter_documents(e, report)]
+    assert [type(d) for d in big[:2]] == [StreamedDocument, StreamedDocument]
+    for s_doc, b_doc in zip(small[:2], big[:2]):
+        assert (b_doc.source, b_doc.title) == (s_doc.source, s_doc.title)
+        assert "".join(b_doc.lines()).strip() == s_doc.text.strip()
+    assert big[2:] == small[2:] and report.skipped == {"malformed-jsonl": 1}
+    write(tmp_path / "bad.txt", b"ok\n" * 50000 + b"\xff\n")
+    entries, report = scan([tmp_path / "bad.txt"])
+    assert list(loaders.iter_documents(entries[0], report)) == []
+    assert "not valid UTF-8 (byte 150000)" in report.warnings[0]

@@ -14,6 +14,9 @@ from trtrag_cli.cli.progress import Progress
 @command
 def index(paths: List[Path] = typer.Argument(..., help="Corpus folders or files."),
           recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
+          rebuild: bool = typer.Option(False, "--rebuild", help=(
+              "Build from scratch, ignoring the published index and a killed run's saved vectors "
+              "(calibration and engines are kept). A damaged index is rebuilt without it.")),
           as_json: bool = JsonOpt) -> None:
     """Chunk, embed and index a corpus (incremental: only new or changed files are embedded)."""
     from trtrag_cli.index.build import run_index
@@ -21,7 +24,7 @@ def index(paths: List[Path] = typer.Argument(..., help="Corpus folders or files.
     cfg = load(recipe, set_)
     err = console(stderr=True)
     with Progress(err, unit={"embed": "chunks"}) as progress:
-        report = run_index(cfg, paths, progress.update)
+        report = run_index(cfg, paths, progress.update, rebuild=rebuild)
     if as_json:
         emit_json(report)
         return
@@ -32,7 +35,10 @@ def index(paths: List[Path] = typer.Argument(..., help="Corpus folders or files.
               f"({report['documents_indexed']} documents embedded{rate}; encoder {report['encoder']})", markup=False)
     out.print(f"files: {c['files_added']} added, {c['files_changed']} changed, {c['files_removed']} removed, "
               f"{c['files_unchanged']} unchanged; chunks embedded: {c['chunks_embedded']}"
-              + (f" at {report['embed_chunks_per_s']} chunks/s" if report["embed_chunks_per_s"] else ""),
+              + (f" at {report['embed_chunks_per_s']} chunks/s" if report["embed_chunks_per_s"] else "")
+              + (f"; {c['chunks_resumed']} resumed from an interrupted run" if c["chunks_resumed"] else "")
+              + (f"; {c['chunks_with_embeddings']} brought their own embeddings" if c["chunks_with_embeddings"]
+                 else ""),
               markup=False)
     if report["skipped"]:
         out.print("skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(report["skipped"].items())),

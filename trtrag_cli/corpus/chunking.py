@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 if TYPE_CHECKING:  # tokenizers is a compiled extension; keep it off the import path of `--help`
     from tokenizers import Tokenizer
@@ -153,6 +153,54 @@ def chunk_documents(docs: Sequence[Document], tokenizer: Tokenizer, max_tokens: 
         for doc, encoding in zip(batch, encodings):
             chunks.extend(_chunks_from_encoding(doc, encoding, max_tokens, overlap))
     return chunks
+
+
+STREAM_WINDOW = 1 << 18  # characters tokenized at once when chunking a streamed document
+
+
+def chunk_stream(source: str, title: str, lines: Iterable[str], tokenizer: Tokenizer, max_tokens: int = 200,
+                 overlap: int = 32) -> Iterator[Chunk]:
+    """Chunk a long text given as lines, tokenizing about STREAM_WINDOW characters at a time.
+
+    The chunks are those chunk_documents gives the whole text (ids, spans, texts): each window of text is
+    cut after a newline, only the chunks that end before its last one are emitted (their cut saw the
+    tokens after them), and the text from the last chunk's start is carried into the next window.
+    """
+    _check_sizes(max_tokens, overlap)
+    tokenizer = prepare_tokenizer(tokenizer)
+    it = iter(lines)
+    carry, base, ordinal, done = "", 0, 0, False
+    while not done:
+        parts, size = [carry], len(carry)
+        want = size + STREAM_WINDOW
+        while size < want:
+            line = next(it, None)
+            if line is None:
+                done = True
+                break
+            parts.append(line)
+            size += len(line)
+        text = "".join(parts)
+        rest = ""
+        if not done:
+            cut = text.rfind("\n") + 1 or len(text)  # lines end in \n; this guards other iterables
+            text, rest = text[:cut], text[cut:]
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        offsets = encoding.offsets  # a property that builds a new list: read it once
+        spans = list(_windows(text, offsets, encoding.word_ids, max_tokens, overlap)) if offsets else []
+        keep = spans if done else spans[:-1]
+        for i, j in keep:
+            start, end = offsets[i][0], offsets[j - 1][1]
+            piece = text[start:end]
+            yield Chunk(id=f"{source}#{ordinal}", source=source, ordinal=ordinal, title=title, text=piece,
+                        start=base + start, end=base + end,
+                        content_hash=hashlib.sha256(piece.encode("utf-8")).hexdigest()[:16])
+            ordinal += 1
+        if done:
+            return
+        # Carry the last (unfinished) window; a text without tokens is dropped whole.
+        start = offsets[spans[-1][0]][0] if spans else len(text)
+        carry, base = text[start:] + rest, base + start
 
 
 def chunk_document(doc: Document, tokenizer: Tokenizer, max_tokens: int = 200,

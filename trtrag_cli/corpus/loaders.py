@@ -12,12 +12,18 @@ import errno
 import hashlib
 import json
 import os
-import re
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
+
+from trtrag_cli.corpus.streams import CELL as _CELL
+from trtrag_cli.corpus.streams import HTML_BLOCK as _HTML_BLOCK
+from trtrag_cli.corpus.streams import HTML_DROP as _HTML_DROP
+from trtrag_cli.corpus.streams import STREAM_BYTES, StreamedDocument, markdown_title, stream_document, text_lines, utf8_error
 from trtrag_cli.util.errors import TrtragError
 
 DEFAULT_EXTENSIONS = (".txt", ".md", ".markdown", ".html", ".htm", ".jsonl")
@@ -72,11 +78,13 @@ class ScanReport:
 
 @dataclass(frozen=True)
 class Document:
-    """A unit of text with a stable source name (file key, or the record id for .jsonl)."""
+    """A unit of text with a stable source name (file key, or the record id for .jsonl); a .jsonl record may
+    bring its own vector (`embedding`), made by the recipe's encoder.model."""
 
     source: str
     title: str
     text: str
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def _normalize_extensions(extensions) -> tuple[str, ...]:
@@ -245,27 +253,10 @@ def scan(roots: list[Path], extensions=DEFAULT_EXTENSIONS,
 
 # --- loaders ------------------------------------------------------------------------------------
 
-_MD_HEADING = re.compile(r"#\s+(.+?)(?:\s+#+)?\s*$")
-
-
 def _markdown_title(text: str) -> str:
-    in_fence = False
-    for line in text.split("\n"):
-        if line.lstrip().startswith(("```", "~~~")):
-            in_fence = not in_fence  # a "# comment" in a shell block is not a heading
-            continue
-        if not in_fence and (m := _MD_HEADING.match(line)):
-            return m.group(1).strip()
-    return ""
+    return markdown_title(text.split("\n"))
 
 
-_HTML_DROP = {"script", "style", "noscript", "template", "head", "title", "svg", "iframe", "object",
-              "embed", "canvas"}
-_HTML_BLOCK = frozenset(
-    "address article aside blockquote body caption dd details dialog div dl dt fieldset figcaption figure "
-    "footer form h1 h2 h3 h4 h5 h6 header hr html legend li main nav ol p section summary table tbody "
-    "tfoot thead tr ul".split())
-_CELL = "\ue000"  # private-use marker for a table cell boundary, replaced by " | " at the end
 _END, _PRE_END = object(), object()  # stack markers: a block / a <pre> closes
 
 
@@ -324,10 +315,20 @@ def _unix_newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _jsonl_documents(entry: FileEntry, text: str, report: ScanReport) -> list[Document]:
-    docs = []
-    # split("\n"), not splitlines(): U+2028 is legal inside a JSON string and must not end a record.
-    for lineno, line in enumerate(text.split("\n"), 1):
+def _embedding(value) -> np.ndarray | None:
+    """A record's own vector as float32, L2-normalised like the encoder's; None when it is not one."""
+    if not isinstance(value, list) or not value or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        return None
+    vec = np.asarray(value, dtype=np.float32)
+    norm = float(np.linalg.norm(vec))
+    return vec / norm if np.isfinite(norm) and norm > 0 else None
+
+
+def _jsonl_documents(entry: FileEntry, lines, report: ScanReport) -> Iterator[Document]:
+    # Lines split on "\n" only (after \r\n and \r became \n), not splitlines(): U+2028 is legal inside a
+    # JSON string and must not end a record.
+    for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
@@ -348,6 +349,13 @@ def _jsonl_documents(entry: FileEntry, text: str, report: ScanReport) -> list[Do
             report.skip("malformed-jsonl", f"{where}: missing or non-string \"text\"; line skipped")
             continue
         rid = str(rid)
+        embedding = None
+        if record.get("embedding") is not None:
+            embedding = _embedding(record["embedding"])
+            if embedding is None:
+                report.skip("malformed-jsonl", f"{where}: \"embedding\" must be a non-empty list of finite "
+                                               "numbers; line skipped")
+                continue
         if not body.strip():
             report.skip("empty")
             continue
@@ -356,8 +364,43 @@ def _jsonl_documents(entry: FileEntry, text: str, report: ScanReport) -> list[Do
             continue
         report.seen_sources.add(rid)
         title = "" if title is None else str(title)
-        docs.append(Document(source=rid, title=title, text=_unix_newlines(body)))
-    return docs
+        report.documents += 1
+        yield Document(source=rid, title=title, text=_unix_newlines(body), embedding=embedding)
+
+
+def _streamed(entry: FileEntry, report: ScanReport) -> Iterator[Document | StreamedDocument]:
+    """A large file read as a stream (a .jsonl record by record); bounded memory whatever its size."""
+    try:
+        bad = utf8_error(entry.path)
+    except OSError as exc:
+        report.skip("unreadable", f"{entry.key}: cannot read ({exc.strerror or exc})")
+        return
+    if bad is not None:
+        report.skip("not-utf8", f"{entry.key}: not valid UTF-8 (byte {bad}); skipped, re-save it as UTF-8")
+        return
+    suffix = entry.path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _jsonl_documents(entry, (line.rstrip("\n") for line in text_lines(entry.path)), report)
+        return
+    doc = stream_document(entry.key, entry.path, suffix)
+    if doc is None:
+        report.skip("empty")
+        return
+    if doc.source in report.seen_sources:
+        report.skip("duplicate-id", f"{entry.key}: source name already used; skipped")
+        return
+    report.seen_sources.add(doc.source)
+    report.documents += 1
+    yield doc
+
+
+def iter_documents(entry: FileEntry, report: ScanReport) -> Iterator[Document | StreamedDocument]:
+    """The documents of one accepted file, in order; a file above streams.STREAM_BYTES is read as a stream
+    (a StreamedDocument, or .jsonl records one line at a time). Problems are counted, never raised."""
+    if entry.size > STREAM_BYTES:
+        yield from _streamed(entry, report)
+    else:
+        yield from load_documents(entry, report)
 
 
 def load_documents(entry: FileEntry, report: ScanReport) -> list[Document]:
@@ -377,24 +420,22 @@ def load_documents(entry: FileEntry, report: ScanReport) -> list[Document]:
     text = _unix_newlines(text)
     suffix = entry.path.suffix.lower()
     if suffix == ".jsonl":
-        docs = _jsonl_documents(entry, text, report)
+        return list(_jsonl_documents(entry, text.split("\n"), report))
+    if suffix in (".html", ".htm"):
+        doc = _html_document(entry.key, text)
+    elif suffix in (".md", ".markdown"):
+        doc = Document(source=entry.key, title=_markdown_title(text), text=text)
     else:
-        if suffix in (".html", ".htm"):
-            doc = _html_document(entry.key, text)
-        elif suffix in (".md", ".markdown"):
-            doc = Document(source=entry.key, title=_markdown_title(text), text=text)
-        else:
-            doc = Document(source=entry.key, title="", text=text)
-        if not doc.text.strip():
-            report.skip("empty")
-            return []
-        if doc.source in report.seen_sources:  # a .jsonl id that happens to equal a file key
-            report.skip("duplicate-id", f"{entry.key}: source name already used; skipped")
-            return []
-        report.seen_sources.add(doc.source)
-        docs = [doc]
-    report.documents += len(docs)
-    return docs
+        doc = Document(source=entry.key, title="", text=text)
+    if not doc.text.strip():
+        report.skip("empty")
+        return []
+    if doc.source in report.seen_sources:  # a .jsonl id that happens to equal a file key
+        report.skip("duplicate-id", f"{entry.key}: source name already used; skipped")
+        return []
+    report.seen_sources.add(doc.source)
+    report.documents += 1
+    return [doc]
 
 
 def load_corpus(roots: list[Path], extensions=DEFAULT_EXTENSIONS,

@@ -101,5 +101,5 @@ class LexicalIndex:
             bm25 = bm25s.BM25.load(str(folder), mmap=False, show_progress=False)
         except (OSError, ValueError) as exc:
             raise TrtragError(f"cannot read BM25 index '{folder}': {exc}",
-                              "re-run trtrag index to rebuild it") from None
+                              "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)") from None
         return cls(cfg, bm25)

@@ -26,7 +26,15 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 def load_index_manifest(gen: Path) -> dict:
     """An index generation's manifest.json (what was indexed, with which encoder and settings)."""
-    return read_json(gen / MANIFEST)
+    from trtrag_cli.index.chunks import REBUILD_HINT
+
+    try:
+        manifest = read_json(gen / MANIFEST)
+    except TrtragError as exc:
+        raise TrtragError(f"the index in '{gen}' is damaged: {exc.message}", REBUILD_HINT) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("encoder"), dict):
+        raise TrtragError(f"the index in '{gen}' is damaged: {MANIFEST} is not an index manifest", REBUILD_HINT)
+    return manifest
 
 
 def reindex_command(recipe: Recipe, extra: str = "") -> str:
@@ -35,15 +43,16 @@ def reindex_command(recipe: Recipe, extra: str = "") -> str:
     return f"trtrag index <corpus>{flag}{extra}"
 
 
-def follow_index(recipe: Recipe) -> str | None:
+def follow_index(recipe: Recipe, gen: Path | None = None) -> str | None:
     """Query the current index with the encoder it was built with, unless the recipe insists on another.
 
     `encoder.precision` left out of the recipe (and of --set) takes the index's precision, and
     `encoder.backend: auto` its backend, so `trtrag index --set encoder.precision=int8` followed by a plain
     `ask` just works. A value the recipe set explicitly that differs is a one-line error. Returns what was
     followed (for doctor), or None when there is nothing to follow (no index, or one older than this record).
+    gen: the generation to follow (default: the live one).
     """
-    gen = Workspace(recipe.workspace_dir()).current_index()
+    gen = gen or Workspace(recipe.workspace_dir()).current_index()
     if gen is None or not (gen / MANIFEST).is_file():
         return None
     built = load_index_manifest(gen).get("encoder", {})
@@ -76,38 +85,87 @@ def _compatible(manifest: dict, recipe: Recipe, encoder_name: str) -> str | None
     return None
 
 
-def _previous(ws: Workspace, recipe: Recipe, encoder_name: str, notes: list[str]):
+def _previous(ws: Workspace, recipe: Recipe, encoder_name: str, dim: int, notes: list[str], rebuild: bool):
+    """(generation, chunk store, files) to update incrementally, or Nones when building from scratch: none
+    published, --rebuild, other settings, or a generation that cannot be read (damaged files)."""
     from trtrag_cli.index.chunks import ChunkStore
 
     gen = ws.current_index()
     if gen is None:
         return None, None, {}
-    manifest = load_index_manifest(gen)
-    why = _compatible(manifest, recipe, encoder_name)
-    if why:
-        notes.append(f"full rebuild: {why}")
+    if rebuild:
+        notes.append("full rebuild: --rebuild")
         return None, None, {}
-    return gen, ChunkStore.load(gen), manifest.get("files", {})
+    try:
+        manifest = load_index_manifest(gen)
+        why = _compatible(manifest, recipe, encoder_name)
+        if why:
+            notes.append(f"full rebuild: {why}")
+            return None, None, {}
+        store = ChunkStore.load(gen)
+        if store.vectors.shape[1:] != (dim,) or not np.isfinite(store.vectors).all():
+            raise TrtragError(f"the index in '{gen}' is damaged: vectors.npy holds no {dim}-d vectors")
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise TrtragError(f"the index in '{gen}' is damaged: {MANIFEST} lists no files")
+    except TrtragError as exc:
+        notes.append(f"full rebuild: the previous index {gen.name} cannot be read ({exc.message})")
+        return None, None, {}
+    return gen, store, files
 
 
-def _chunk_new_files(entries, report, recipe: Recipe, tokenizer):
-    """Load and chunk the given files; returns chunk records (without vectors) and sources per file."""
-    from trtrag_cli.corpus.chunking import chunk_documents
-    from trtrag_cli.corpus.loaders import load_documents
+def _chunk_new_files(entries, report, recipe: Recipe, tokenizer, dim: int):
+    """Load and chunk the given files, large ones as streams. Returns chunk records (without vectors),
+    sources per file, and {record index: vector} for records whose document brought its own embedding."""
+    from trtrag_cli.corpus.chunking import chunk_documents, chunk_stream
+    from trtrag_cli.corpus.loaders import iter_documents
+    from trtrag_cli.corpus.streams import StreamedDocument
     from trtrag_cli.index.chunks import ChunkRecord
 
-    docs, file_of, sources = [], {}, {}
+    size, overlap = recipe.chunking.max_tokens, recipe.chunking.overlap
+    records, sources, given = [], {}, {}
+    pending, pending_chars, file_of = [], 0, {}
+
+    def add(chunks, embedded: dict) -> None:
+        for ch in chunks:
+            vec = embedded.get(ch.source)
+            text_hash = _hash(index_text(ch.title, ch.text))
+            if vec is not None:
+                if ch.ordinal:
+                    raise TrtragError(f"{ch.source}: documents with embeddings must fit one chunk (this one "
+                                      f"is longer than chunking.max_tokens {size})",
+                                      "raise chunking.max_tokens or split them")
+                given[len(records)] = vec
+                text_hash = _hash(text_hash + vec.tobytes().hex())  # another vector, another hash
+            records.append(ChunkRecord(id=ch.id, source=ch.source, file=file_of[ch.source], ordinal=ch.ordinal,
+                                       title=ch.title, text=ch.text, hash=text_hash))
+
+    def flush() -> None:
+        nonlocal pending, pending_chars
+        # Many small documents in one call, so the tokenizer batches across files.
+        add(chunk_documents(pending, tokenizer, size, overlap),
+            {d.source: d.embedding for d in pending if d.embedding is not None})
+        pending, pending_chars = [], 0
+
     for entry in entries:
-        loaded = load_documents(entry, report)
-        sources[entry.key] = [d.source for d in loaded]
-        file_of.update((d.source, entry.key) for d in loaded)
-        docs.extend(loaded)
-    # One call for all files, so the tokenizer batches across many small files.
-    chunks = chunk_documents(docs, tokenizer, recipe.chunking.max_tokens, recipe.chunking.overlap)
-    records = [ChunkRecord(id=ch.id, source=ch.source, file=file_of[ch.source], ordinal=ch.ordinal,
-                           title=ch.title, text=ch.text, hash=_hash(index_text(ch.title, ch.text)))
-               for ch in chunks]
-    return records, sources
+        sources[entry.key] = []
+        for doc in iter_documents(entry, report):
+            sources[entry.key].append(doc.source)
+            file_of[doc.source] = entry.key
+            if isinstance(doc, StreamedDocument):
+                add(chunk_stream(doc.source, doc.title, doc.lines(), tokenizer, size, overlap), {})
+                continue
+            if doc.embedding is not None and len(doc.embedding) != dim:
+                raise TrtragError(f"{doc.source}: its embedding has {len(doc.embedding)} values but encoder.model "
+                                  f"{recipe.encoder.model} makes {dim}",
+                                  "set encoder.model to the model that made the embeddings, or drop the "
+                                  "embedding field to have the text encoded")
+            pending.append(doc)
+            pending_chars += len(doc.text)
+            if len(pending) >= 2048 or pending_chars >= 8 << 20:
+                flush()
+    flush()
+    return records, sources, given
 
 
 def _hash(text: str) -> str:
@@ -116,10 +174,38 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = None) -> dict:
-    """Index the given corpus paths into the recipe's workspace and return a report."""
+def _embed(encoder, recipe: Recipe, records, todo: list[int], vectors: np.ndarray, checkpoint,
+           progress: Progress | None) -> int:
+    """Embed records[todo] into vectors[todo], saving each CHECKPOINT_BATCHES batches to the checkpoint;
+    rows the checkpoint already holds (a killed run's) are filled from it. Returns how many were resumed."""
+    from trtrag_cli.index.checkpoint import CHECKPOINT_BATCHES
+
+    saved = checkpoint.load()
+    resumed = [i for i in todo if records[i].hash in saved]
+    for i in resumed:
+        vectors[i] = saved[records[i].hash]
+    rest = [i for i in todo if records[i].hash not in saved]
+    del saved
+    step = recipe.encoder.batch_size * CHECKPOINT_BATCHES
+    for at in range(0, len(rest), step):
+        part = rest[at:at + step]
+        texts = [index_text(records[i].title, records[i].text) for i in part]
+        cb = (lambda n, at=at: progress("embed", at + n, len(rest))) if progress else None
+        vectors[part] = encoder.encode(texts, batch_size=recipe.encoder.batch_size, progress=cb)
+        checkpoint.save([records[i].hash for i in part], vectors[part])
+    return len(resumed)
+
+
+def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = None, rebuild: bool = False) -> dict:
+    """Index the given corpus paths into the recipe's workspace and return a report.
+
+    rebuild: ignore the published generation and the checkpoint of a killed run, and build from scratch
+    (the workspace's calibration and engines are kept). A published generation that cannot be read is
+    rebuilt from scratch anyway, with a note.
+    """
     from trtrag_cli.corpus.loaders import scan
     from trtrag_cli.index.bm25 import LexicalIndex
+    from trtrag_cli.index.checkpoint import EmbedCheckpoint
     from trtrag_cli.index.chunks import ChunkStore
 
     ws = Workspace(recipe.workspace_dir())
@@ -130,9 +216,11 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
     choice = resolve_recipe_backend(recipe)
     backend = choice.backend
     with ws.lock(), open_recipe_encoder(recipe, ws, choice=choice) as encoder:
-        prev_gen, prev_store, prev_files = _previous(ws, recipe, encoder.name, notes)
+        dim = encoder.dim
+        prev_gen, prev_store, prev_files = _previous(ws, recipe, encoder.name, dim, notes, rebuild)
         current = {e.key: e for e in entries}
-        unchanged = {k for k, e in current.items() if prev_files.get(k, {}).get("sha256") == e.sha256}
+        unchanged = {k for k, e in current.items()
+                     if isinstance(prev_files.get(k), dict) and prev_files[k].get("sha256") == e.sha256}
         changed = [e for k, e in current.items() if k in prev_files and k not in unchanged]
         added = [e for k, e in current.items() if k not in prev_files]
         removed = [k for k in prev_files if k not in current]
@@ -140,7 +228,7 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
         tokenizer = chunk_tokenizer(recipe)
         # Ids of unchanged files count as taken, so a new file cannot silently reuse one.
         report.seen_sources.update(src for k in unchanged for src in prev_files[k].get("sources", []))
-        new_records, new_sources = _chunk_new_files(changed + added, report, recipe, tokenizer)
+        new_records, new_sources, given = _chunk_new_files(changed + added, report, recipe, tokenizer, dim)
         # A file that yielded no document (undecodable, empty) is skipped and counted by the loader, not
         # recorded, so the next run looks at it again.
         changed = [e for e in changed if new_sources.get(e.key)]
@@ -152,18 +240,22 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
             i for i, r in enumerate(prev_store.records) if r.file in unchanged]
         # Vectors of identical chunk texts are reused, so an edit re-embeds only the chunks it touched.
         known = {} if prev_store is None else {r.hash: i for i, r in enumerate(prev_store.records)}
-        todo = [i for i, r in enumerate(new_records) if r.hash not in known]
-        dim = encoder.dim
         new_vectors = np.zeros((len(new_records), dim), dtype=np.float32)
+        todo = []
         for i, r in enumerate(new_records):
-            if r.hash in known:
+            if i in given:
+                new_vectors[i] = given[i]
+            elif r.hash in known:
                 new_vectors[i] = prev_store.vectors[known[r.hash]]
+            else:
+                todo.append(i)
+        checkpoint = EmbedCheckpoint(ws.root, encoder.name, dim, encoder.max_tokens)
+        if rebuild:
+            checkpoint.clear()
         t_embed = time.perf_counter()
-        if todo:
-            texts = [index_text(new_records[i].title, new_records[i].text) for i in todo]
-            cb = (lambda n: progress("embed", n, len(texts))) if progress else None
-            new_vectors[todo] = encoder.encode(texts, batch_size=recipe.encoder.batch_size, progress=cb)
+        resumed = _embed(encoder, recipe, new_records, todo, new_vectors, checkpoint, progress)
         embed_s = time.perf_counter() - t_embed
+        embedded = len(todo) - resumed
 
         records = [prev_store.records[i] for i in kept_rows] + new_records
         vectors = np.concatenate([prev_store.vectors[kept_rows] if kept_rows else np.zeros((0, dim), np.float32),
@@ -174,7 +266,7 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
 
         if progress:
             progress("index", 0, 1)
-        vindex = _update_vectors(recipe, dim, prev_gen, prev_store, kept_rows, store, len(new_records))
+        vindex = _update_vectors(recipe, dim, prev_gen, prev_store, kept_rows, store, len(new_records), notes)
         lexical = LexicalIndex(recipe.lexical)
         lexical.build([index_text(r.title, r.text) for r in store.records])
         if progress:
@@ -185,14 +277,16 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
             files[e.key] = {"sha256": e.sha256, "size": e.size, "sources": new_sources.get(e.key, [])}
         counts = {"files_added": len(added), "files_changed": len(changed), "files_removed": len(removed),
                   "files_unchanged": len(unchanged), "chunks_total": len(store), "chunks_new": len(new_records),
-                  "chunks_embedded": len(todo), "chunks_dropped": (0 if prev_store is None else
-                                                                   len(prev_store) - len(kept_rows))}
+                  "chunks_embedded": embedded, "chunks_resumed": resumed, "chunks_with_embeddings": len(given),
+                  "chunks_dropped": 0 if prev_store is None else len(prev_store) - len(kept_rows)}
         manifest = {
             "layout": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name,
             # backend and precision let later commands follow this index (follow_index).
             "encoder": {"name": encoder.name, "dim": dim, "model": recipe.encoder.model, "backend": backend,
                         "precision": recipe.encoder.precision, "max_tokens": encoder.max_tokens},
-            "chunking": recipe.chunking.model_dump(), "index": recipe.index.model_dump(),
+            "chunking": recipe.chunking.model_dump(),
+            # nlist_built: the clusters of an ivf/ivfpq index (index.nlist null: about 4 sqrt(chunks)).
+            "index": {**recipe.index.model_dump(), "nlist_built": vindex.nlist()},
             "lexical": recipe.lexical.model_dump(),
             "versions": library_versions(), "counts": counts, "files": files,
         }
@@ -202,20 +296,22 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
             lexical.save(gen / "bm25")
             (gen / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
             write_json(gen / MANIFEST, manifest)
+        checkpoint.clear()
     total_s = time.perf_counter() - t0
     docs = sum(len(new_sources.get(e.key, [])) for e in changed + added)
     return {
         "workspace": str(ws.root), "counts": counts, "skipped": dict(report.skipped),
         "warnings": list(report.warnings), "notes": notes, "files_seen": report.files_seen,
         "seconds": round(total_s, 3), "embed_seconds": round(embed_s, 3),
-        "embed_chunks_per_s": round(len(todo) / embed_s, 1) if todo and embed_s > 0 else None,
+        "embed_chunks_per_s": round(embedded / embed_s, 1) if embedded and embed_s > 0 else None,
         "documents_indexed": docs, "docs_per_s": round(docs / total_s, 1) if docs else None,
         "encoder": encoder.name,
     }
 
 
-def _update_vectors(recipe: Recipe, dim: int, prev_gen, prev_store, kept_rows, store, n_new: int):
-    """Update the previous faiss index in place (delete + add) when possible, else build anew."""
+def _update_vectors(recipe: Recipe, dim: int, prev_gen, prev_store, kept_rows, store, n_new: int, notes: list[str]):
+    """Update the previous faiss index in place (delete + add) when possible, else build anew (also when the
+    previous one cannot be read, with a note)."""
     from trtrag_cli.index.vectors import BUILD_FIELDS, VectorIndex
 
     def shape(cfg: dict) -> dict:  # the settings that change what is built; search-time ones do not
@@ -224,7 +320,14 @@ def _update_vectors(recipe: Recipe, dim: int, prev_gen, prev_store, kept_rows, s
     same_cfg = prev_gen is not None and shape(load_index_manifest(prev_gen).get("index") or {}) == shape(recipe.index.model_dump())
     vindex = None
     if same_cfg and recipe.index.kind != "hnsw" and (prev_gen / "vectors.faiss").is_file():
-        vindex = VectorIndex.load(prev_gen / "vectors.faiss", recipe.index, dim, device=False)
+        try:
+            vindex = VectorIndex.load(prev_gen / "vectors.faiss", recipe.index, dim, device=False)
+        except TrtragError as exc:
+            notes.append(f"vector index rebuilt: {exc.message}")
+        else:
+            if vindex.ntotal != len(prev_store):
+                notes.append(f"vector index rebuilt: it holds {vindex.ntotal} vectors for {len(prev_store)} chunks")
+                vindex = None
     if vindex is not None and vindex.supports_remove():
         kept = np.zeros(len(prev_store), dtype=bool)
         kept[kept_rows] = True

@@ -14,6 +14,8 @@ from trtrag_cli.util.errors import TrtragError
 CHUNKS = "chunks.jsonl"
 VECTORS = "vectors.npy"
 IDS = "ids.npy"
+# `trtrag index` notices an unreadable previous generation and rebuilds; --rebuild forces it.
+REBUILD_HINT = "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)"
 
 
 @dataclass
@@ -76,10 +78,11 @@ class ChunkStore:
                 records = [ChunkRecord(**json.loads(line)) for line in fh if line.strip()]
             vectors = np.load(folder / VECTORS, mmap_mode=None)
             ids = np.load(folder / IDS)
-        except (OSError, ValueError, TypeError) as exc:
-            raise TrtragError(f"the index in '{folder}' is damaged: {exc}",
-                              "re-run trtrag index to rebuild it") from None
+        except (OSError, ValueError, TypeError, EOFError) as exc:  # EOFError: an empty .npy
+            raise TrtragError(f"the index in '{folder}' is damaged: {exc}", REBUILD_HINT) from None
+        if vectors.ndim != 2 or vectors.dtype != np.float32 or ids.ndim != 1 or ids.dtype != np.int64:
+            raise TrtragError(f"the index in '{folder}' is damaged: {VECTORS} or {IDS} has the wrong shape",
+                              REBUILD_HINT)
         if not (len(records) == len(vectors) == len(ids)):
-            raise TrtragError(f"the index in '{folder}' is damaged: row counts differ",
-                              "re-run trtrag index to rebuild it")
+            raise TrtragError(f"the index in '{folder}' is damaged: row counts differ", REBUILD_HINT)
         return cls(records, vectors, ids)

@@ -16,6 +16,8 @@ the map is compacted), so indexes of that form written by older versions are nev
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +29,29 @@ from trtrag_cli.util.deps import require
 from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.gpu import gpu_count, torch_gpu_count
 
-SMALL_BATCH = 16  # below this many queries a CPU search runs on one thread
 IVF_KINDS = ("ivf", "ivfpq")
 BUILD_FIELDS = ("kind", "nlist", "pq_m", "pq_bits", "hnsw_m", "ef_construction")  # the rest apply at search time
 
 
 def _faiss():
     return require("faiss", "the vector index")
+
+
+def default_nlist(n: int) -> int:
+    """ivf/ivfpq clusters for n vectors when index.nlist is null: about 4 sqrt(n), faiss's rule of thumb."""
+    return max(1, round(4 * math.sqrt(n)))
+
+
+_omp = threading.local()
+
+
+def _search_threads(n: int) -> None:
+    """Give this thread's faiss searches n OpenMP threads, once: OpenMP keeps the count per calling thread
+    (libgomp; checked), so it is set on the thread that searches, not where the index was opened, and
+    never changed back and forth around each call."""
+    if getattr(_omp, "n", None) != n:
+        _faiss().omp_set_num_threads(n)
+        _omp.n = n
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,7 @@ class VectorIndex:
             return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         if self.cfg.kind in IVF_KINDS:
             # faiss wants ~39 training points per list; shrink nlist on small corpora rather than fail.
-            nlist = max(1, min(self.cfg.nlist, n_train // 39))
+            nlist = max(1, min(self.cfg.nlist or default_nlist(n_train), n_train // 39))
             return faiss.index_factory(self.dim, self._factory().format(nlist=nlist), metric)
         hnsw = faiss.IndexHNSWFlat(self.dim, self.cfg.hnsw_m, metric)
         hnsw.hnsw.efConstruction = self.cfg.ef_construction
@@ -192,6 +210,12 @@ class VectorIndex:
         if isinstance(inner, faiss.IndexIVF):
             return "ivf"
         return "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat"
+
+    def nlist(self) -> int | None:
+        """Clusters of the ivf/ivfpq index held (None for other kinds)."""
+        if self._index is None or self.kind() not in IVF_KINDS:
+            return None
+        return int(self._inner().nlist)
 
     def supports_remove(self) -> bool:
         """Flat and IVF can delete in place; HNSW cannot, nor can an IVF inside an IDMap (older versions)."""
@@ -325,17 +349,11 @@ class VectorIndex:
             if self._gpu_ids is not None:
                 found = np.where(found >= 0, self._gpu_ids[np.clip(found, 0, None)], -1)
             return scores, found
-        if len(q) >= SMALL_BATCH:
-            return self._index.search(q, k)
-        # A few queries cannot use all cores well; OpenMP spin-waits then cost far more than the scan
-        # (measured on 21k x 384 flat, 2 cores: 1.2 ms on one thread, 7-23 ms on two under load).
-        faiss = _faiss()
-        before = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            return self._index.search(q, k)
-        finally:
-            faiss.omp_set_num_threads(before)
+        # index.threads null: one. A few queries cannot use all cores well; OpenMP spin-waits then cost far
+        # more than the scan (measured on 21k x 384 flat, 2 cores: 1.2 ms on one thread, 7-23 ms on two
+        # under load), and the encoder shares the cores.
+        _search_threads(self.cfg.threads or 1)
+        return self._index.search(q, k)
 
     # ------------------------------------------------------------------------------------ files
 
@@ -351,10 +369,10 @@ class VectorIndex:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
             raise TrtragError(f"cannot read vector index '{path}': {str(exc).splitlines()[0]}",
-                              "re-run trtrag index to rebuild it") from None
+                              "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)") from None
         if index.d != dim:
             raise TrtragError(f"vector index '{path}' has dimension {index.d}, expected {dim}",
-                              "re-run trtrag index to rebuild it")
+                              "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)")
         out = cls(cfg, dim, index)
         out._tune()
         if device:

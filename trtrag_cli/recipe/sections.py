@@ -78,13 +78,18 @@ class IndexConfig(Section):
         "flat: exact, memory 4 bytes x dim per chunk. ivf: clusters, faster on millions of chunks for a "
         "little recall. ivfpq: compressed codes, ~16x less memory, lower recall. hnsw: graph, fast CPU "
         "search, most memory and slowest to build."))
-    nlist: int = Field(256, ge=1, description="ivf/ivfpq clusters (about sqrt(chunks)).")
+    nlist: int | None = Field(None, ge=1, description=(
+        "ivf/ivfpq clusters; null = about 4 x sqrt(chunks), computed when the index is built (the manifest "
+        "records it as nlist_built)."))
     nprobe: int = Field(16, ge=1, description="ivf/ivfpq clusters searched a query: higher = better recall, slower.")
     pq_m: int | None = Field(None, ge=1, description="ivfpq sub-quantizers (must divide dim); null = dim / 8.")
     pq_bits: int = Field(8, ge=1, le=16, description="ivfpq bits per sub-quantizer code.")
     hnsw_m: int = Field(32, ge=2, description="hnsw links per node: more = better recall, more memory.")
     ef_construction: int = Field(200, ge=1, description="hnsw build-time breadth: higher = better graph, slower build.")
     ef_search: int = Field(128, ge=1, description="hnsw search breadth: higher = better recall, slower search.")
+    threads: int | None = Field(None, ge=1, description=(
+        "CPU threads of one faiss search, set once per searching thread; null = 1, fastest for the small "
+        "batches of ask and serve. Raise it for large eval/bench batches on many cores."))
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description=(
         "Where searches run; auto = a GPU when faiss-gpu or torch with CUDA is usable."))
     exact: Literal["auto", "torch", "faiss"] = Field("auto", description=(

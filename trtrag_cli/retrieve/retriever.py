@@ -100,13 +100,17 @@ class Retriever:
 
         self.recipe = recipe
         ws = Workspace(recipe.workspace_dir())
-        gen = ws.require_index()
-        if encoder is None:
-            follow_index(recipe)
-        self.manifest = load_index_manifest(gen)
-        self.encoder = encoder or open_recipe_encoder(recipe, ws)
-        self._owns_encoder = encoder is None
+        # The lease keeps this generation on disk while it is loaded (and while this retriever lives),
+        # even if a re-index publishes another one meanwhile.
+        self._lease = ws.lease_index()
+        gen = self._lease.path
+        self.encoder, self._owns_encoder = None, False
         try:
+            if encoder is None:
+                follow_index(recipe, gen)
+            self.manifest = load_index_manifest(gen)
+            self.encoder = encoder or open_recipe_encoder(recipe, ws)
+            self._owns_encoder = encoder is None
             check_built_with(self.manifest, self.encoder.name, recipe)
             self.store, self.vindex, self.lexical = open_stores(recipe, gen, self.manifest)
         except BaseException:
@@ -121,10 +125,11 @@ class Retriever:
         self.close()
 
     def close(self) -> None:
-        """Release the encoder session if this retriever opened it."""
+        """Release the encoder session if this retriever opened it, and the lease on its generation."""
         if self._owns_encoder and self.encoder is not None:
             self.encoder.close()
             self.encoder = None
+        self._lease.release()
 
     def encode(self, questions: list[str]) -> np.ndarray:
         """Query vectors, one row per question."""

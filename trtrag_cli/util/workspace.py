@@ -1,4 +1,10 @@
-"""The workspace of one recipe: index generations published atomically, and a lock for writers."""
+"""The workspace of one recipe: index generations published atomically, and a lock for writers.
+
+A generation that CURRENT no longer names is not deleted at once: readers (ask, eval, serve) hold a shared
+lease on the generation they open (`lease_index`), and pruning, at the next publish, removes only a
+superseded generation that nobody leases and that was superseded more than GRACE_S ago. The grace period
+covers readers that take no lease (calibrate, bench) and the instant between reading CURRENT and leasing.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,24 @@ from typing import Iterator
 
 from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.files import atomic_write_text
+
+GRACE_S = 60.0   # a superseded generation stays at least this long after CURRENT moved on
+LEASE = ".lease"  # readers hold a shared flock on it; pruning needs an exclusive one
+SUPERSEDED = ".superseded"  # its mtime says when CURRENT moved on from this generation
+
+
+class Lease:
+    """A shared lock on one index generation: while held, pruning leaves the folder on disk."""
+
+    def __init__(self, path: Path, fh=None):
+        self.path = path
+        self._fh = fh
+
+    def release(self) -> None:
+        """Let pruning remove the generation (closing the file drops the flock; so does garbage collection)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 class Workspace:
@@ -60,6 +84,61 @@ class Workspace:
             raise TrtragError(f"no index in workspace '{self.root}'", "run: trtrag index <corpus folder>")
         return gen
 
+    def lease_index(self) -> Lease:
+        """The live index folder with a shared lease on it, or a user error telling how to build one."""
+        for _ in range(50):
+            gen = self.require_index()
+            try:
+                fh = open(gen / LEASE, "a+")
+            except FileNotFoundError:
+                continue  # pruned between reading CURRENT and opening: read CURRENT again
+            except OSError:
+                return Lease(gen)  # a read-only workspace: the grace period is all there is
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH)  # waits only while a pruner renames the folder away
+            try:
+                same = os.stat(gen / LEASE).st_ino == os.fstat(fh.fileno()).st_ino
+            except OSError:
+                same = False
+            if same:
+                return Lease(gen, fh)
+            fh.close()  # the folder was pruned while we waited for the lock
+        raise TrtragError(f"the index in workspace '{self.root}' changed 50 times while opening it",
+                          "retry when the re-indexing loop pauses")
+
+    def _prune(self, keep: Path) -> None:
+        """Remove dead temporary folders, and superseded generations past the grace period that no one
+        leases; mark the ones superseded just now. Runs under the writer lock."""
+        now = time.time()
+        for old in self.index_root.iterdir():
+            if not old.is_dir() or old == keep:
+                continue
+            if old.name.startswith((".tmp-gen-", ".trash-")):  # a killed run's leftovers (we hold the lock)
+                shutil.rmtree(old, ignore_errors=True)
+                continue
+            if not old.name.startswith("gen-"):
+                continue
+            marker = old / SUPERSEDED
+            try:
+                if now - marker.stat().st_mtime < GRACE_S:
+                    continue
+            except FileNotFoundError:
+                marker.touch()
+                if GRACE_S > 0:
+                    continue
+            try:
+                fh = open(old / LEASE, "a+")
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()  # a reader has it open
+                continue
+            trash = self.index_root / f".trash-{old.name}"
+            os.rename(old, trash)  # a reader waiting for the lock sees the folder gone and reads CURRENT again
+            fh.close()
+            shutil.rmtree(trash, ignore_errors=True)
+
     @contextlib.contextmanager
     def new_generation(self) -> Iterator[Path]:
         """Yield a temporary folder; on success it becomes the live index, on failure it is removed."""
@@ -70,13 +149,10 @@ class Workspace:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        previous = self.current_index()
         final = self.index_root / f"gen-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{tmp.name[-6:]}"
         os.rename(tmp, final)
         atomic_write_text(self.index_root / "CURRENT", final.name + "\n")
-        for old in self.index_root.iterdir():
-            if old.is_dir() and old != final and (old == previous or old.name.startswith(("gen-", ".tmp-gen-"))):
-                shutil.rmtree(old, ignore_errors=True)
+        self._prune(keep=final)
 
     @contextlib.contextmanager
     def publish_dir(self, name: str) -> Iterator[Path]:
