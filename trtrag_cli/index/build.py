@@ -129,6 +129,10 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
                            int(recipe.corpus.max_file_mb * 1024 * 1024))
     choice = resolve_recipe_backend(recipe)
     backend = choice.backend
+    if recipe.index.backend == "milvus":  # before any embedding: a missing client is a one-line error now
+        from trtrag_cli.index.milvus import require_client
+
+        require_client(recipe.index)
     with ws.lock(), open_recipe_encoder(recipe, ws, choice=choice) as encoder:
         prev_gen, prev_store, prev_files = _previous(ws, recipe, encoder.name, notes)
         current = {e.key: e for e in entries}

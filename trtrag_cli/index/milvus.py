@@ -50,6 +50,14 @@ def resolve_uri(cfg: IndexConfig, workspace_dir: Path) -> str:
     return str(path if path.is_absolute() else Path(workspace_dir) / path)
 
 
+def require_client(cfg: IndexConfig):
+    """pymilvus (and milvus-lite for a Lite file), or the one-line MissingDependency; returns pymilvus."""
+    pymilvus = require("pymilvus", "index.backend: milvus")
+    if not milvus_is_remote(cfg.uri):
+        require("milvus_lite", "a Milvus Lite file (index.uri)")
+    return pymilvus
+
+
 def dense_index(cfg: IndexConfig, lite: bool) -> tuple[str, dict]:
     """(Milvus index type, build params) for the recipe: auto is HNSW (Lite loads it; GPU is never guessed)."""
     kind = "HNSW" if cfg.milvus_index == "auto" else cfg.milvus_index
@@ -87,19 +95,17 @@ class MilvusIndex:
 
     def __init__(self, cfg: IndexConfig, workspace_dir: Path, recipe_name: str):
         """Connect (a Lite file is created on first use); the collection is checked by open() or made by create()."""
-        require("pymilvus", "index.backend: milvus")
+        pymilvus = require_client(cfg)
         self.cfg = cfg
         self.uri = resolve_uri(cfg, workspace_dir)
         self.lite = not milvus_is_remote(cfg.uri)
         self.name = collection_name(cfg, recipe_name)
         if self.lite:
-            require("milvus_lite", "a Milvus Lite file (index.uri)")
             Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
         token = os.environ.get(cfg.token_env, "") if not self.lite else ""
-        from pymilvus import MilvusClient
-
         try:
-            self.client = MilvusClient(uri=self.uri, token=token) if token else MilvusClient(uri=self.uri)
+            self.client = pymilvus.MilvusClient(uri=self.uri, token=token) if token else \
+                pymilvus.MilvusClient(uri=self.uri)
         except Exception as exc:  # pymilvus raises its own hierarchy, and grpc/OS errors below it
             raise TrtragError(f"cannot connect to Milvus at {self.uri}: {_err(exc)}",
                               "start the Milvus server, or set index.uri to a Lite file such as milvus.db") from None

@@ -121,7 +121,8 @@ class IndexConfig(Section):
     @model_validator(mode="after")
     def _backend_keys(self):
         if self.backend == "faiss":
-            stray = [k for k in MILVUS_ONLY if k in self.model_fields_set]
+            # a value other than the default, not a key present: a dumped recipe writes every key
+            stray = [k for k in MILVUS_ONLY if getattr(self, k) != type(self).model_fields[k].default]
             if stray:
                 raise ValueError(f"index.{stray[0]} applies to index.backend: milvus; set index.backend: milvus "
                                  f"or remove index.{stray[0]}")
