@@ -12,7 +12,8 @@ import pytest
 import yaml
 from conftest import EXAMPLES, ROOT, Cli
 
-HEAVY = ("torch", "onnxruntime", "faiss", "transformers", "sentence_transformers", "bm25s", "tensorrt")
+HEAVY = ("torch", "onnxruntime", "faiss", "transformers", "sentence_transformers", "bm25s", "tensorrt", "pymilvus",
+         "milvus_lite")
 
 
 def test_help_and_version_of_every_command_import_no_heavy_library():

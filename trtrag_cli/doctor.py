@@ -12,7 +12,7 @@ from trtrag_cli.util.gpu import gpus
 
 LIBRARIES = ("numpy", "onnxruntime", "onnx", "faiss-cpu", "faiss-gpu", "bm25s", "PyStemmer", "tokenizers",
              "torch", "transformers", "triton", "sentence-transformers", "tensorrt", "tensorrt-llm",
-             "nvidia-modelopt", "typer", "rich", "pyyaml")
+             "nvidia-modelopt", "pymilvus", "milvus-lite", "typer", "rich", "pyyaml")
 
 
 def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
@@ -41,7 +41,7 @@ def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
         "encoder": encoder_st,
         "index": index_st,
         "vector_index": vector_index_stage(recipe, gpu_list),
-        "lexical": {"backend": "bm25s", "ok": available("bm25s"), "why": "the only BM25 backend"},
+        "lexical": lexical_stage(recipe),
         "rerank": {"backend": recipe.retrieve.mode, "ok": True, "why": "retrieve.mode in the recipe"},
         "generator": generator_stage(recipe, gpu_list),
     }
@@ -94,17 +94,35 @@ def index_stage(recipe: Recipe, encoder) -> dict:
     from trtrag_cli.retrieve.retriever import check_built_with, open_stores
     from trtrag_cli.util.workspace import Workspace
 
+    vindex = None
     try:
         gen = Workspace(recipe.workspace_dir()).require_index()
         manifest = load_index_manifest(gen)
         if encoder is not None:
             check_built_with(manifest, encoder.name, recipe)
-        store, _, _ = open_stores(recipe, gen, manifest)
+        store, vindex, _ = open_stores(recipe, gen, manifest)
+        placement = vindex.placement
+        rows = vindex.count() if recipe.index.backend == "milvus" else None
     except TrtragError as exc:
         return {"backend": "none", "ok": False, "why": "the index `ask` would search", "problem": _line(exc)}
+    finally:
+        if vindex is not None and hasattr(vindex, "close"):  # a Milvus connection
+            vindex.close()
     built_with = manifest.get("encoder", {}).get("name")
-    return {"backend": gen.name, "ok": True, "chunks": len(store.records),
-            "why": f"{len(store.records)} chunks, built with {built_with}"}
+    out = {"backend": gen.name, "ok": True, "chunks": len(store.records),
+           "why": f"{len(store.records)} chunks, built with {built_with}"}
+    if recipe.index.backend == "milvus":
+        out["milvus"] = {"placement": placement, "rows": rows}
+        out["why"] += f"; Milvus collection opens ({placement}, {rows} rows)"
+    return out
+
+
+def lexical_stage(recipe: Recipe) -> dict:
+    """Who scores BM25: bm25s in this process, or Milvus full-text search (bm25s still gives the analyser)."""
+    if recipe.index.backend == "milvus":
+        return {"backend": "milvus BM25", "ok": available("pymilvus") and available("bm25s"),
+                "why": "index.backend: milvus: full-text search in the collection over bm25s-analysed terms"}
+    return {"backend": "bm25s", "ok": available("bm25s"), "why": "index.backend: faiss"}
 
 
 def generator_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
@@ -136,6 +154,20 @@ def vector_index_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:
     from trtrag_cli.util.gpu import gpu_count, torch_gpu_count
 
     cfg = recipe.index
+    if cfg.backend == "milvus":
+        from trtrag_cli.index.milvus import dense_index, resolve_uri
+        from trtrag_cli.recipe.sections import milvus_is_remote
+
+        lite = not milvus_is_remote(cfg.uri)
+        where = "Milvus Lite file " + resolve_uri(cfg, recipe.workspace_dir()) if lite else f"Milvus server {cfg.uri}"
+        try:
+            kind = dense_index(cfg, lite)[0]
+        except TrtragError as exc:
+            return {"backend": "milvus", "ok": False, "why": where, "problem": _line(exc)}
+        deps = available("pymilvus") and (available("milvus_lite") or not lite)
+        return {"backend": "milvus lite" if lite else "milvus server", "kind": kind, "ok": deps,
+                "why": f"index.backend: milvus, {kind} in the {where}"
+                       + ("" if deps else "; pip install 'trtrag[milvus]'")}
     faiss_gpus = gpu_count() if available("faiss") else 0
     torch_gpus = torch_gpu_count() if gpu_list else 0
     plan = placement_for(cfg.kind, cfg.device, cfg.exact, faiss_gpus, torch_gpus, gpu_present=bool(gpu_list))

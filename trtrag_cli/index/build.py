@@ -215,6 +215,10 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
                            int(recipe.corpus.max_file_mb * 1024 * 1024))
     choice = resolve_recipe_backend(recipe)
     backend = choice.backend
+    if recipe.index.backend == "milvus":  # before any embedding: a missing client is a one-line error now
+        from trtrag_cli.index.milvus import require_client
+
+        require_client(recipe.index)
     with ws.lock(), open_recipe_encoder(recipe, ws, choice=choice) as encoder:
         dim = encoder.dim
         prev_gen, prev_store, prev_files = _previous(ws, recipe, encoder.name, dim, notes, rebuild)
@@ -266,9 +270,17 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
 
         if progress:
             progress("index", 0, 1)
-        vindex = _update_vectors(recipe, dim, prev_gen, prev_store, kept_rows, store, len(new_records), notes)
+        # bm25s is built for either backend: the extractive answer weighs words by its idf, and with
+        # milvus its analyser makes the terms Milvus indexes (see index/milvus.py).
         lexical = LexicalIndex(recipe.lexical)
         lexical.build([index_text(r.title, r.text) for r in store.records])
+        vindex, milvus = None, None
+        if recipe.index.backend == "milvus":
+            milvus = _update_milvus(recipe, encoder.name, dim, prev_gen, prev_store, kept_rows, store,
+                                    len(new_records), lexical.analyzer, notes)
+        else:
+            vindex = _update_vectors(recipe, dim, prev_gen, prev_store, kept_rows, store, len(new_records),
+                                     notes)
         if progress:
             progress("index", 1, 1)
 
@@ -286,13 +298,16 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
                         "precision": recipe.encoder.precision, "max_tokens": encoder.max_tokens},
             "chunking": recipe.chunking.model_dump(),
             # nlist_built: the clusters of an ivf/ivfpq index (index.nlist null: about 4 sqrt(chunks)).
-            "index": {**recipe.index.model_dump(), "nlist_built": vindex.nlist()},
+            "index": {**recipe.index.model_dump(), "nlist_built": vindex.nlist() if vindex is not None else None},
             "lexical": recipe.lexical.model_dump(),
             "versions": library_versions(), "counts": counts, "files": files,
         }
+        if milvus is not None:
+            manifest["milvus"] = milvus
         with ws.new_generation() as gen:
             store.save(gen)
-            vindex.save(gen / "vectors.faiss")
+            if vindex is not None:
+                vindex.save(gen / "vectors.faiss")
             lexical.save(gen / "bm25")
             (gen / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
             write_json(gen / MANIFEST, manifest)
@@ -305,7 +320,7 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
         "seconds": round(total_s, 3), "embed_seconds": round(embed_s, 3),
         "embed_chunks_per_s": round(embedded / embed_s, 1) if embedded and embed_s > 0 else None,
         "documents_indexed": docs, "docs_per_s": round(docs / total_s, 1) if docs else None,
-        "encoder": encoder.name,
+        "encoder": encoder.name, **({"milvus": milvus} if milvus is not None else {}),
     }
 
 
@@ -339,3 +354,66 @@ def _update_vectors(recipe: Recipe, dim: int, prev_gen, prev_store, kept_rows, s
     vindex = VectorIndex(recipe.index, dim)
     vindex.build(store.vectors, store.ids)
     return vindex
+
+
+def _update_milvus(recipe: Recipe, encoder_name: str, dim: int, prev_gen, prev_store, kept_rows, store,
+                   n_new: int, analyzer, notes: list[str]) -> dict:
+    """Bring the recipe's Milvus collection in step with the new chunk store; returns the manifest's record.
+
+    In place when the collection is the one the previous generation wrote (its trtrag.sync token) with the
+    same chain: chunks of removed files and chunks whose text changed are deleted or replaced by id, and
+    only new or changed chunks are upserted. Otherwise the collection is made anew from every chunk.
+    """
+    import json
+    import uuid
+
+    from trtrag_cli.index.milvus import SYNC, MilvusIndex, dense_index
+
+    cfg = recipe.index
+    with MilvusIndex(cfg, recipe.workspace_dir(), recipe.name) as mv:
+        kind, params = dense_index(cfg, mv.lite)
+        lex = recipe.lexical.model_dump()
+        chain = {"trtrag.encoder": encoder_name, "trtrag.dim": str(dim),
+                 "trtrag.lexical": json.dumps(lex, sort_keys=True),
+                 "trtrag.index": json.dumps({"type": kind, **params}, sort_keys=True)}
+        props = mv.properties()
+        why = None
+        if prev_store is not None:
+            prev_sync = (load_index_manifest(prev_gen).get("milvus") or {}).get("sync")
+            changed = [k.split(".", 1)[1] for k, v in chain.items() if props.get(k) != v]
+            if not prev_sync:
+                why = "the previous index did not use Milvus"
+            elif props.get(SYNC) != prev_sync:
+                why = f"collection '{mv.name}' is not the one the previous index wrote"
+            elif changed:
+                why = "collection settings changed (" + ", ".join(changed) + ")"
+            if why:
+                notes.append(f"milvus: collection rebuilt: {why}")
+        new_rows = np.arange(len(store) - n_new, len(store))
+        if prev_store is not None and why is None:
+            mv.set_sync("")  # a run that dies from here on leaves a collection the next run rebuilds
+            gone = np.ones(len(prev_store), dtype=bool)
+            gone[kept_rows] = False
+            before = {int(prev_store.ids[i]): (prev_store.records[i].hash, prev_store.records[i].file)
+                      for i in np.flatnonzero(gone)}
+            upsert = np.array([r for r in new_rows.tolist() if before.get(int(store.ids[r]))
+                               != (store.records[r].hash, store.records[r].file)], dtype=np.int64)
+            delete = np.array(sorted(set(before) - {int(i) for i in store.ids[new_rows]}), dtype=np.int64)
+        else:
+            mv.create(chain, lex)
+            upsert, delete = np.arange(len(store)), np.zeros(0, dtype=np.int64)
+        if len(delete):
+            mv.delete(delete)
+        if len(upsert):
+            recs = [store.records[i] for i in upsert.tolist()]
+            mv.upsert(store.ids[upsert], [r.id for r in recs], [r.file for r in recs],
+                      [" ".join(analyzer.terms(index_text(r.title, r.text))) for r in recs], store.vectors[upsert])
+        rows = mv.count()
+        if rows != len(store):
+            raise TrtragError(f"Milvus collection '{mv.name}' holds {rows} rows after indexing, the chunk store "
+                              f"{len(store)}", "re-run trtrag index (the collection will be rebuilt)")
+        token = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        mv.set_sync(token)
+        return {"uri": cfg.uri, "collection": mv.name, "index_type": kind, "sync": token,
+                "rebuilt": bool(prev_store is None or why), "upserted": int(len(upsert)),
+                "deleted": int(len(delete)), "rows": rows}

@@ -73,7 +73,31 @@ class ChunkingConfig(Section):
         return self
 
 
+MILVUS_INDEXES = ("auto", "FLAT", "IVF_FLAT", "HNSW", "GPU_CAGRA", "GPU_IVF_PQ")
+MILVUS_ONLY = ("uri", "token_env", "collection", "milvus_index")
+
+
+def milvus_is_remote(uri: str) -> bool:
+    """A Milvus server (http/https/tcp address) rather than a Milvus Lite file."""
+    return "://" in uri and uri.split("://", 1)[0].lower() in ("http", "https", "tcp", "grpc", "unix")
+
+
 class IndexConfig(Section):
+    backend: Literal["faiss", "milvus"] = Field("faiss", description=(
+        "faiss: vectors and bm25s files in the workspace, searched in this process. milvus: a Milvus "
+        "collection (Milvus Lite file or a server) holds the vectors and does BM25 full-text search; see "
+        "docs/milvus.md."))
+    uri: str = Field("milvus.db", min_length=1, description=(
+        "milvus: a local file (Milvus Lite; relative paths are under the recipe's workspace folder) or "
+        "http(s)://host:19530 (a Milvus standalone or cluster)."))
+    token_env: str = Field("MILVUS_TOKEN", min_length=1, description=(
+        "milvus server: environment variable holding its token (user:password or an API key); unset = none."))
+    collection: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
+        "milvus: collection name; null = trtrag_<recipe name> (other characters turned into _)."))
+    milvus_index: Literal["auto", "FLAT", "IVF_FLAT", "HNSW", "GPU_CAGRA", "GPU_IVF_PQ"] = Field(
+        "auto", description=(
+            "milvus: the dense index. auto = HNSW (hnsw_m, ef_construction, ef_search). IVF_FLAT uses nlist/"
+            "nprobe; GPU_CAGRA and GPU_IVF_PQ (nlist, nprobe, pq_m, pq_bits) need a Milvus server with GPUs."))
     kind: Literal["flat", "ivf", "ivfpq", "hnsw"] = Field("flat", description=(
         "flat: exact, memory 4 bytes x dim per chunk. ivf: clusters, faster on millions of chunks for a "
         "little recall. ivfpq: compressed codes, ~16x less memory, lower recall. hnsw: graph, fast CPU "
@@ -98,6 +122,24 @@ class IndexConfig(Section):
     gpus: int | None = Field(None, ge=1, description="GPUs to use; null = all visible.")
     multi_gpu: Literal["shard", "replicate"] = Field("shard", description=(
         "Several GPUs: shard splits the vectors (more capacity), replicate copies them (more queries/s)."))
+
+    @model_validator(mode="after")
+    def _backend_keys(self):
+        if self.backend == "faiss":
+            # a value other than the default, not a key present: a dumped recipe writes every key
+            stray = [k for k in MILVUS_ONLY if getattr(self, k) != type(self).model_fields[k].default]
+            if stray:
+                raise ValueError(f"index.{stray[0]} applies to index.backend: milvus; set index.backend: milvus "
+                                 f"or remove index.{stray[0]}")
+            return self
+        if not milvus_is_remote(self.uri) and not self.uri.endswith(".db"):
+            raise ValueError(f"index.uri '{self.uri}' is neither a server (http://<host>:19530) nor a Milvus Lite "
+                             "file; a Lite file name ends in .db, e.g. index.uri: milvus.db")
+        if self.milvus_index.startswith("GPU_") and not milvus_is_remote(self.uri):
+            raise ValueError(f"index.milvus_index {self.milvus_index} needs a Milvus server with GPUs, and "
+                             f"index.uri '{self.uri}' is a Milvus Lite file (CPU only); set index.uri: "
+                             "http://<host>:19530, or index.milvus_index: auto")
+        return self
 
 
 class LexicalConfig(Section):

@@ -81,14 +81,72 @@ def check_built_with(manifest: dict, encoder_name: str, recipe: Recipe) -> None:
 
 
 def open_stores(recipe: Recipe, gen: Path, manifest: dict):
-    """(chunk store, vector index, BM25 index) of an index generation, as the recipe searches them."""
+    """(chunk store, vector index, BM25 index) of an index generation, as the recipe searches them: faiss and
+    bm25s files of the generation, or (index.backend: milvus) the collection behind both searches."""
     from trtrag_cli.index.bm25 import LexicalIndex
+    from trtrag_cli.index.build import reindex_command
     from trtrag_cli.index.chunks import ChunkStore
+
+    built = (manifest.get("index") or {}).get("backend", "faiss")
+    if built != recipe.index.backend:
+        raise TrtragError(f"the index in {gen} was built with index.backend {built}, the recipe asks for "
+                          f"{recipe.index.backend}", f"set index.backend: {built}, or re-index: "
+                          f"{reindex_command(recipe)}")
+    store = ChunkStore.load(gen)
+    lexical = LexicalIndex.load(gen / "bm25", recipe.lexical)
+    if built == "milvus":
+        return store, *_open_milvus(recipe, manifest, store, lexical)
     from trtrag_cli.index.vectors import VectorIndex
 
-    store = ChunkStore.load(gen)
     vindex = VectorIndex.load(gen / "vectors.faiss", recipe.index, manifest["encoder"]["dim"])
-    return store, vindex, LexicalIndex.load(gen / "bm25", recipe.lexical)
+    return store, vindex, lexical
+
+
+def _open_milvus(recipe: Recipe, manifest: dict, store, lexical):
+    """The collection, checked against the generation (chain and sync token), and its BM25 side."""
+    from trtrag_cli.index.build import reindex_command
+    from trtrag_cli.index.milvus import SYNC, MilvusIndex
+
+    enc, fix = manifest["encoder"], f"re-index: {reindex_command(recipe)}"
+    milvus = MilvusIndex(recipe.index, recipe.workspace_dir(), recipe.name)
+    try:
+        milvus.open(enc["name"], int(enc["dim"]), fix)
+        synced = milvus.properties().get(SYNC)
+        if synced != (manifest.get("milvus") or {}).get("sync"):
+            raise TrtragError(f"Milvus collection '{milvus.name}' at {milvus.uri} was changed by another index run "
+                              f"than this workspace's current one", fix + " (give each workspace its own "
+                              "index.collection on a shared server)")
+    except BaseException:
+        milvus.close()
+        raise
+    return milvus, MilvusLexical(milvus, lexical, store, recipe.retrieve.top_n)
+
+
+class MilvusLexical:
+    """BM25 recall done in Milvus, shaped as LexicalIndex.scores_many: one score per chunk row, 0 outside a
+    query's top_n hits (hybrid then scores a dense candidate past them as 0, where bm25s gives its small
+    score). The generation's bm25s index still supplies the analyser (the terms Milvus indexed) and the idf
+    the extractive answer weighs words by."""
+
+    def __init__(self, milvus, local, store, top_n: int):
+        self.milvus, self.local, self.store, self.top_n = milvus, local, store, top_n
+        self.analyzer = local.analyzer
+
+    def idf(self, term: str) -> float:
+        """bm25s's idf of an analysed term (the same corpus Milvus holds)."""
+        return self.local.idf(term)
+
+    def scores_many(self, queries: list[str | None]) -> list[np.ndarray | None]:
+        """Per query (None for None): its Milvus BM25 scores spread over the chunk rows."""
+        asked = [i for i, q in enumerate(queries) if q is not None]
+        out: list[np.ndarray | None] = [None] * len(queries)
+        hits = self.milvus.text_search([" ".join(self.analyzer.terms(queries[i])) for i in asked], self.top_n)
+        for i, (ids, scores) in zip(asked, hits):
+            row_scores = np.zeros(len(self.store), dtype=np.float32)
+            rows = self.store.rows_of(ids)
+            row_scores[rows[rows >= 0]] = scores[rows >= 0]
+            out[i] = row_scores
+        return out
 
 
 class Retriever:
@@ -125,10 +183,14 @@ class Retriever:
         self.close()
 
     def close(self) -> None:
-        """Release the encoder session if this retriever opened it, and the lease on its generation."""
+        """Release the encoder session if this retriever opened it, a Milvus connection, and the lease on
+        its generation."""
         if self._owns_encoder and self.encoder is not None:
             self.encoder.close()
             self.encoder = None
+        closer = getattr(getattr(self, "vindex", None), "close", None)
+        if closer is not None:
+            closer()
         self._lease.release()
 
     def encode(self, questions: list[str]) -> np.ndarray:

@@ -26,6 +26,8 @@ KNOWN = {
     "tensorrt": ("tensorrt", "tensorrt"),
     "tensorrt_llm": ("tensorrt-llm", None),  # pins its own torch: its own environment, see HINTS
     "modelopt": ("nvidia-modelopt", "tensorrt"),
+    "pymilvus": ("pymilvus", "milvus"),
+    "milvus_lite": ("milvus-lite", "milvus"),
 }
 
 
