@@ -85,37 +85,6 @@ def corpus_copy(tmp_path) -> Path:
     return dst
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory) -> Path:
-    """A 2-layer Llama with random weights and a byte-level BPE tokenizer trained on examples/corpus."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    texts = [p.read_text(encoding="utf-8", errors="ignore") for p in sorted(EXAMPLES.rglob("*")) if p.is_file()]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", model_max_length=512)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
-
 
 class Cli:
     """Runs `trtrag` in-process and parses --json output."""
