@@ -85,7 +85,6 @@ def corpus_copy(tmp_path) -> Path:
     return dst
 
 
-
 class Cli:
     """Runs `trtrag` in-process and parses --json output."""
 

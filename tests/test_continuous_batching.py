@@ -81,6 +81,23 @@ def _params(i: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=10 + 2 * i)
 
 
+def _streamed_together(fast, scheduler, gate, prompts, settings) -> list[str]:
+    """Each prompt streamed on its own thread; all are queued behind the paused gate, then released together."""
+    got: list = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        got[i] = "".join(fast.stream(prompts[i], settings[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    _wait_until(lambda: len(scheduler._queue) == len(prompts), f"{len(prompts)} queued streams")
+    gate.release()
+    for t in threads:
+        t.join()
+    return got
+
+
 def test_sixteen_concurrent_streams_each_match_their_text_alone(fast, events):
     prompts = _prompts(fast, 16)
     assert len({len(p.ids) for p in prompts}) > 4
@@ -88,18 +105,7 @@ def test_sixteen_concurrent_streams_each_match_their_text_alone(fast, events):
     scheduler = fast.decoder.start_scheduler()
     gate = Pause(scheduler, prompts[0].ids)
     gate.reached.wait(120)
-    got: list = [None] * 16
-
-    def run(i: int) -> None:
-        got[i] = "".join(fast.stream(prompts[i], _params(i)))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    _wait_until(lambda: len(scheduler._queue) == 16, "16 queued streams")
-    gate.release()
-    for t in threads:
-        t.join()
+    got = _streamed_together(fast, scheduler, gate, prompts, [_params(i) for i in range(16)])
     gate.request.result()
     assert got == alone
     sizes = [fields["size"] for event, fields in events if event == "batch"]
@@ -171,18 +177,7 @@ def test_sampling_settings_and_stop_strings_stay_per_row(fast):
     scheduler = fast.decoder.start_scheduler()
     gate = Pause(scheduler, prompts[3].ids)
     gate.reached.wait(120)
-    got: list = [None] * 4
-
-    def run(i: int) -> None:
-        got[i] = "".join(fast.stream(prompts[i], settings[i]))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    _wait_until(lambda: len(scheduler._queue) == 4, "4 queued streams")
-    gate.release()
-    for t in threads:
-        t.join()
+    got = _streamed_together(fast, scheduler, gate, prompts[:4], settings)
     assert got == alone
 
 
