@@ -126,7 +126,7 @@ def _ratio(load: dict, base: dict) -> dict:
 
 def run_load(url: str, routes: tuple[str, ...], clients: int, duration_s: float, questions: list[str],
              api_key: str | None = None, baseline_s: float = 15.0, timeout_s: float = 120.0,
-             model: str = "trtrag", log: Callable[[str], None] = lambda m: None) -> dict:
+             model: str = "", log: Callable[[str], None] = lambda m: None) -> dict:
     """Everything `trtrag bench --serve` reports, as plain data (see module docstring)."""
     httpx = deps.require("httpx", "the load benchmark")
     if not questions:
