@@ -31,6 +31,7 @@ else shares its steps.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 from trtrag_cli.util import deps
@@ -157,6 +158,7 @@ class GraphDecoder:
         # top-p (1.0: off), seed of the row's noise
         self.temperature = self.top_k_index = self.top_p = self.seeds = None
         self.scheduler = None    # decode/scheduler.Scheduler, made on first use: it owns the cache from then on
+        self._scheduler_lock = threading.Lock()
         self.max_batch = 16
         self._prefill, self._decode = self._prefill_layer, self._decode_layer
         if compile:  # fuses RMSNorm, RoPE and SiLU x up into single kernels; one compilation serves every layer
@@ -528,11 +530,14 @@ class GraphDecoder:
 
     def start_scheduler(self, max_batch: int | None = None):
         """The decode/scheduler.Scheduler that owns this decoder's cache (made on first use)."""
-        if self.scheduler is None:
-            from trtrag_cli.generate.decode.scheduler import Scheduler
+        # Under a lock: two requests arriving together must not make two schedulers, whose threads would
+        # then capture CUDA graphs into the same memory pool at once (seen on an H100 under 32 clients).
+        with self._scheduler_lock:
+            if self.scheduler is None:
+                from trtrag_cli.generate.decode.scheduler import Scheduler
 
-            self.scheduler = Scheduler(self, max_batch or self.max_batch)
-        return self.scheduler
+                self.scheduler = Scheduler(self, max_batch or self.max_batch)
+            return self.scheduler
 
 
 def _all_greedy(greedy) -> bool:
