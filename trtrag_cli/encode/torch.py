@@ -24,6 +24,7 @@ from trtrag_cli.encode.models import load_tokenizer, model_info
 from trtrag_cli.util import deps
 from trtrag_cli.util.deps import torch_dtype_kwarg
 from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.gpu import graph_capture
 
 if TYPE_CHECKING:
     import numpy as np
@@ -207,7 +208,7 @@ class TorchEncoder:
                     self._forward_ids(inputs[0], inputs[1])
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+            with graph_capture(torch, graph, pool=self._pool, stream=side):
                 output = self._forward_ids(inputs[0], inputs[1])
         entry = self._graphs[(batch, seq)] = _Captured(graph, inputs, output)
         return entry

@@ -33,6 +33,7 @@ import numpy as np
 
 from trtrag_cli.util import deps
 from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.gpu import graph_capture
 
 DEFAULT_BUDGET_MB = 512
 GROUP = 256
@@ -158,7 +159,7 @@ class TorchExact:
                 self._search_shard(db, ids, q, k)
         torch.cuda.current_stream(db.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, stream=side):
+        with torch.inference_mode(), graph_capture(torch, graph, stream=side):
             scores, found = self._search_shard(db, ids, q, k)
             scores = scores.float()
         self._graphs[(batch, k)] = entry = (graph, q, scores, found)

@@ -11,6 +11,8 @@ import importlib.util
 import shutil
 import statistics
 import subprocess
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from trtrag_cli.util.deps import available
@@ -111,3 +113,19 @@ class GpuWatch:
                 "sm_clock_mhz": {"min": min(clocks), "median": median(clocks), "max": max(clocks)},
                 "power_w": {"median": round(median(powers), 1), "max": max(powers)}, "power_limit_w": limit,
                 "at_power_limit": max(powers) >= 0.97 * limit}
+
+
+_CAPTURE = threading.Lock()
+
+
+@contextmanager
+def graph_capture(torch, graph, **kwargs):
+    """torch.cuda.graph(graph, **kwargs), one capture at a time in this process, thread-local.
+
+    A service captures CUDA graphs from several threads (the encoder's shape buckets on a retrieval worker,
+    the decoder's batch buckets on its scheduler, exact search): two captures at once collide in the
+    allocator ("already recording to mempool"), and in the default global mode another thread's CUDA call
+    during a capture invalidates it. Seen on an H100 under 32 concurrent chat clients.
+    """
+    with _CAPTURE, torch.cuda.graph(graph, capture_error_mode="thread_local", **kwargs):
+        yield

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from trtrag_cli.util import deps
 from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.gpu import graph_capture
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 LENGTH_STEP = 256          # cache lengths are rounded up to this, so a few graphs serve every request
@@ -478,7 +479,7 @@ class GraphDecoder:
             self.tokens.copy_(saved[0])
             self.positions.copy_(saved[1])
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with graph_capture(torch, graph):
                 self._advance(batch, span, greedy)
             self._graphs[key] = graph
         return self._graphs[key]
