@@ -12,7 +12,8 @@ make_tiny_llama(Path(sys.argv[1]) / "llm", layers=16, hidden=2048)
 PY
 python3 scripts/make_random_encoder.py --tokenizer-from "$work/llm" --out "$work/enc" --hidden 768 --layers 12 --heads 12
 set_=(--set workspace="$work/ws" --set encoder.model="$work/enc" --set serve.access_log=off
-      --set "answer.generator={backend: transformers, model: $work/llm}" --set answer.sampling.max_new_tokens=128)
+      --set "answer.generator={backend: transformers, model: $work/llm}" --set answer.sampling.max_new_tokens=128
+      ${EXTRA_SET:-})   # e.g. EXTRA_SET="--set answer.generator.compile=false"
 python3 -m trtrag_cli index examples/corpus "${set_[@]}" | tail -2
 python3 -m trtrag_cli serve --port 8800 "${set_[@]}" > "$out/serve.log" 2>&1 &
 pid=$!
