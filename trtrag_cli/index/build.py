@@ -60,7 +60,8 @@ def follow_index(recipe: Recipe, gen: Path | None = None) -> str | None:
     `encoder.precision` left out of the recipe (and of --set) takes the index's precision, and
     `encoder.backend: auto` its backend, so `trtrag index --set encoder.precision=int8` followed by a plain
     `ask` just works. A value the recipe set explicitly that differs is a one-line error. Returns what was
-    followed (for doctor), or None when there is nothing to follow (no index, or one older than this record).
+    followed (for doctor), or None when there is nothing to follow (no index, one older than this record, or
+    one this version cannot read).
     gen: the generation to follow (default: the live one).
     """
     gen = gen or Workspace(recipe.workspace_dir()).current_index()
