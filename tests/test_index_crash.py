@@ -141,6 +141,13 @@ def _strip_backend(manifest: dict) -> None:
         manifest["encoder"].pop(key)
 
 
+def _first_release(manifest: dict) -> None:
+    """The manifest of trtrag's first release: no encoder backend or precision, no index backend or nlist_built."""
+    _strip_backend(manifest)
+    for key in ("backend", "nlist_built"):
+        manifest["index"].pop(key)
+
+
 def _layout(value):
     def alter(manifest: dict) -> None:
         if value is None:
@@ -156,6 +163,7 @@ def _drop_dim(manifest: dict) -> None:
 
 OLD = {  # name: (what the older trtrag wrote differently, does this version read it as it is)
     "no encoder backend and precision": (_strip_backend, True),
+    "first release": (_first_release, True),
     "no layout": (_layout(None), False),
     "layout 0": (_layout(0), False),
     "layout 2": (_layout(2), False),
