@@ -91,6 +91,7 @@ def test_kill_9_while_embedding_keeps_the_live_index_and_the_next_run_resumes(cl
     proc = _start_index(recipe, corpus, log, *sets)
     assert _kill_when(proc, lambda: any(parts.rglob("part-*.npz")), log, 0.05), log.read_text()
     assert "embed:" in log.read_text()
+    assert (ws.root / "lock").read_text().split()[0] == str(proc.pid)  # the file stays; the flock died with it
 
     assert ws.current_index() == live
     assert _answer(cli, recipe) == before

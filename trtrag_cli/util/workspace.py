@@ -51,15 +51,22 @@ class Workspace:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock for writers; a second writer fails at once instead of corrupting."""
+        """Hold an exclusive lock for writers; a second writer fails at once instead of corrupting.
+
+        An flock, so it dies with its process: a run killed with SIGKILL leaves the file, which records
+        the last holder's pid for this message, but no lock.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         fh = open(self.root / "lock", "a+")
         try:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise TrtragError(f"workspace '{self.root}' is locked by another trtrag run",
-                                  "wait for it to finish, or remove a stale lock holder") from None
+                fh.seek(0)
+                holder = fh.read().split()
+                who = f" (pid {holder[0]}, since {holder[1]})" if len(holder) == 2 else ""
+                raise TrtragError(f"workspace '{self.root}' is locked by another trtrag run{who}",
+                                  "wait for it to finish; the lock goes when that process ends") from None
             fh.seek(0)
             fh.truncate()
             fh.write(f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
