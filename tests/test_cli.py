@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -311,7 +312,7 @@ def test_workspace_lock_blocks_a_second_writer(cli, make_recipe, corpus_copy):
     recipe = make_recipe()
     with Workspace(load_recipe(recipe).workspace_dir()).lock():
         res = cli("index", corpus_copy, "--recipe", recipe, ok=False)
-    assert "locked by another trtrag run" in _one_line_error(res)
+    assert f"locked by another trtrag run (pid {os.getpid()}, since " in _one_line_error(res)
 
 
 def test_a_precision_the_backend_lacks_is_refused(cli, make_recipe, corpus_copy):

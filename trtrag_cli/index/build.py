@@ -21,11 +21,13 @@ from trtrag_cli.util.files import library_versions, read_json, write_json
 from trtrag_cli.util.workspace import Workspace
 
 MANIFEST = "manifest.json"
+LAYOUT = 1  # the files of a generation and what its manifest records; another number is not read
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def load_index_manifest(gen: Path) -> dict:
-    """An index generation's manifest.json (what was indexed, with which encoder and settings)."""
+    """An index generation's manifest.json (what was indexed, with which encoder and settings), refusing
+    one that this version cannot read: damaged, of another layout, or without the encoder's name and dim."""
     from trtrag_cli.index.chunks import REBUILD_HINT
 
     try:
@@ -34,6 +36,15 @@ def load_index_manifest(gen: Path) -> dict:
         raise TrtragError(f"the index in '{gen}' is damaged: {exc.message}", REBUILD_HINT) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("encoder"), dict):
         raise TrtragError(f"the index in '{gen}' is damaged: {MANIFEST} is not an index manifest", REBUILD_HINT)
+    layout = manifest.get("layout")
+    if layout != LAYOUT:
+        what = "records no layout" if layout is None else f"has layout {layout!r}"
+        raise TrtragError(f"the index in '{gen}' was written by another trtrag version: its {MANIFEST} {what}, "
+                          f"this version reads layout {LAYOUT}", REBUILD_HINT)
+    enc = manifest["encoder"]
+    if not isinstance(enc.get("name"), str) or not isinstance(enc.get("dim"), int):
+        raise TrtragError(f"the index in '{gen}' was written by another trtrag version: its {MANIFEST} records "
+                          "no encoder name and dimension", REBUILD_HINT)
     return manifest
 
 
@@ -49,13 +60,17 @@ def follow_index(recipe: Recipe, gen: Path | None = None) -> str | None:
     `encoder.precision` left out of the recipe (and of --set) takes the index's precision, and
     `encoder.backend: auto` its backend, so `trtrag index --set encoder.precision=int8` followed by a plain
     `ask` just works. A value the recipe set explicitly that differs is a one-line error. Returns what was
-    followed (for doctor), or None when there is nothing to follow (no index, or one older than this record).
+    followed (for doctor), or None when there is nothing to follow (no index, one older than this record, or
+    one this version cannot read).
     gen: the generation to follow (default: the live one).
     """
     gen = gen or Workspace(recipe.workspace_dir()).current_index()
     if gen is None or not (gen / MANIFEST).is_file():
         return None
-    built = load_index_manifest(gen).get("encoder", {})
+    try:
+        built = load_index_manifest(gen)["encoder"]
+    except TrtragError:
+        return None  # a manifest this version cannot read: opening the index says so, with the fix
     backend, precision = built.get("backend"), built.get("precision")
     if backend is None or precision is None:
         return None
@@ -292,7 +307,7 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
                   "chunks_embedded": embedded, "chunks_resumed": resumed, "chunks_with_embeddings": len(given),
                   "chunks_dropped": 0 if prev_store is None else len(prev_store) - len(kept_rows)}
         manifest = {
-            "layout": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name,
+            "layout": LAYOUT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name,
             # backend and precision let later commands follow this index (follow_index).
             "encoder": {"name": encoder.name, "dim": dim, "model": recipe.encoder.model, "backend": backend,
                         "precision": recipe.encoder.precision, "max_tokens": encoder.max_tokens},

@@ -51,15 +51,22 @@ class Workspace:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold an exclusive lock for writers; a second writer fails at once instead of corrupting."""
+        """Hold an exclusive lock for writers; a second writer fails at once instead of corrupting.
+
+        An flock, so it dies with its process: a run killed with SIGKILL leaves the file, which records
+        the last holder's pid for this message, but no lock.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         fh = open(self.root / "lock", "a+")
         try:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise TrtragError(f"workspace '{self.root}' is locked by another trtrag run",
-                                  "wait for it to finish, or remove a stale lock holder") from None
+                fh.seek(0)
+                holder = fh.read().split()
+                who = f" (pid {holder[0]}, since {holder[1]})" if len(holder) == 2 else ""
+                raise TrtragError(f"workspace '{self.root}' is locked by another trtrag run{who}",
+                                  "wait for it to finish; the lock goes when that process ends") from None
             fh.seek(0)
             fh.truncate()
             fh.write(f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
@@ -105,17 +112,22 @@ class Workspace:
         raise TrtragError(f"the index in workspace '{self.root}' changed 50 times while opening it",
                           "retry when the re-indexing loop pauses")
 
+    def _remove_leftovers(self) -> None:
+        """Remove what a killed writer left behind: an unpublished generation, a pruned one half deleted, a
+        half-written CURRENT. Runs under the writer lock, so no live writer owns them."""
+        for old in self.index_root.iterdir():
+            if old.is_dir() and old.name.startswith((".tmp-gen-", ".trash-")):
+                shutil.rmtree(old, ignore_errors=True)
+            elif old.is_file() and old.name.startswith(".CURRENT.") and old.name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
+
     def _prune(self, keep: Path) -> None:
-        """Remove dead temporary folders, and superseded generations past the grace period that no one
-        leases; mark the ones superseded just now. Runs under the writer lock."""
+        """Remove superseded generations past the grace period that no one leases, and mark the ones
+        superseded just now. Runs under the writer lock."""
         now = time.time()
         for old in self.index_root.iterdir():
-            if not old.is_dir() or old == keep:
-                continue
-            if old.name.startswith((".tmp-gen-", ".trash-")):  # a killed run's leftovers (we hold the lock)
-                shutil.rmtree(old, ignore_errors=True)
-                continue
-            if not old.name.startswith("gen-"):
+            if not old.is_dir() or old == keep or not old.name.startswith("gen-"):
                 continue
             marker = old / SUPERSEDED
             try:
@@ -143,6 +155,8 @@ class Workspace:
     def new_generation(self) -> Iterator[Path]:
         """Yield a temporary folder; on success it becomes the live index, on failure it is removed."""
         self.index_root.mkdir(parents=True, exist_ok=True)
+        # A killed run's unpublished generation can be as large as this one: free the disk before writing.
+        self._remove_leftovers()
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-gen-", dir=self.index_root))
         try:
             yield tmp
