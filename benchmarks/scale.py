@@ -89,11 +89,13 @@ class Synth:
 
 
 def write_file(folder: Path, synth: Synth, f: int, docs: int, version: int = 0, changed: float = 0.0) -> None:
+    """Write file f of the corpus (part-<f>.jsonl), at the given version."""
     path = folder / f"part-{f:05d}.jsonl"
     path.write_text("\n".join(synth.file_lines(f, docs, version, changed)) + "\n", encoding="utf-8")
 
 
 def docs_per_file(n: int, files: int) -> list[int]:
+    """n documents spread over `files` files, the first ones one more where it does not divide."""
     base, extra = divmod(n, files)
     return [base + (1 if f < extra else 0) for f in range(files)]
 
@@ -115,6 +117,7 @@ def run_timed(cmd: list[str], env: dict) -> dict:
 
 
 def du_mb(path: Path) -> float:
+    """Bytes of every file under path, in MB (the apparent size, as `du --apparent-size`)."""
     total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return round(total / 1e6, 1)
 
@@ -151,10 +154,12 @@ print(json.dumps({"open_s": open_s, "rss_open_mb": rss_open, "rss_after_mb": rss
 
 
 def pct(values, q) -> float:
+    """The q-th percentile, rounded for the report."""
     return round(float(np.percentile(values, q)), 2)
 
 
 def current_generation(ws: Path) -> Path:
+    """The index generation the workspace's CURRENT names."""
     index = next(ws.glob("*/index"))
     return index / (index / "CURRENT").read_text().strip()
 
@@ -261,6 +266,7 @@ def main(argv=None) -> dict:
 
 
 def log(msg: str) -> None:
+    """A timestamped progress line on stderr."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
