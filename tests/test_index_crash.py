@@ -14,33 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from trtrag_cli.recipe.schema import load_recipe
 from trtrag_cli.util.workspace import Workspace
+from test_index_robust import TEXTS, _ws, small  # noqa: F401  (small is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "corpus"
 QUESTION = "restocking fee for an opened sensor"
-TEXTS = {
-    "gateway.txt": "The Hub G4 gateway pairs with up to 200 sensors over LoRaWAN. Its battery lasts ten hours.",
-    "warranty.md": "# Warranty\nThe VX-200 sensor carries a three-year warranty. Advance replacement is free.",
-    "returns.txt": "Opened sensors may be returned within 30 days; a restocking fee of 15 percent applies.",
-    "office.txt": "Corvane moved its headquarters to Fife in April 2025. The old office closed in May.",
-}
 REBUILD = "trtrag index <corpus> --rebuild"
-
-
-@pytest.fixture
-def small(tmp_path, make_recipe):
-    """A four-file corpus and a recipe path for it."""
-    root = tmp_path / "small"
-    root.mkdir()
-    for name, text in TEXTS.items():
-        (root / name).write_text(text)
-    return root, make_recipe()
-
-
-def _ws(recipe_path: Path) -> Workspace:
-    return Workspace(load_recipe(recipe_path).workspace_dir())
 
 
 def _start_index(recipe: Path, corpus: Path, log: Path, *args: str) -> subprocess.Popen:
@@ -224,3 +204,22 @@ def test_an_old_flat_index_folder_is_reindexed_into_a_generation(cli, small):
     assert "Traceback" not in asked.output
     cli.json("index", corpus, "--recipe", recipe)
     assert _answer(cli, recipe)[1][0] == "returns.txt"
+
+
+def test_publishing_a_folder_swaps_it_whole_and_repairs_a_killed_swap(tmp_path):
+    """Engines and calibration are published with Workspace.publish_dir: the new folder replaces the old in
+    one step, and a run killed after moving the old one aside (simulated) is repaired by the next publish."""
+    ws = Workspace(tmp_path / "ws")
+    for text in ("first", "second"):
+        with ws.publish_dir("engines/onnxruntime-int8") as tmp:
+            (tmp / "manifest.json").write_text(text)
+    final = ws.root / "engines" / "onnxruntime-int8"
+    assert (final / "manifest.json").read_text() == "second"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["onnxruntime-int8"]
+    aside = final.parent / ".old-onnxruntime-int8-1-abcdef"
+    os.rename(final, aside)  # the state a kill between the two renames of the fallback path leaves
+    with pytest.raises(RuntimeError):
+        with ws.publish_dir("engines/onnxruntime-int8"):
+            assert (final / "manifest.json").read_text() == "second"  # put back before the new build starts
+            raise RuntimeError("the build fails")
+    assert (final / "manifest.json").read_text() == "second" and not aside.exists()

@@ -170,15 +170,24 @@ class Workspace:
 
     @contextlib.contextmanager
     def publish_dir(self, name: str) -> Iterator[Path]:
-        """Yield a temporary folder that replaces root/name only if the block succeeds."""
+        """Yield a temporary folder that replaces root/name only if the block succeeds.
+
+        The swap is one atomic exchange where Linux offers it (renameat2), so a kill never leaves the name
+        empty; elsewhere the old folder is moved aside first, and a run killed between the two renames is
+        repaired by the next publish of that name (the aside copy is put back before anything else).
+        """
         final = self.root / name
         final.parent.mkdir(parents=True, exist_ok=True)
+        _restore_aside(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
             yield tmp
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if final.exists() and _exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # it holds the old folder now
+            return
         old = None
         if final.exists():
             old = final.parent / f".old-{final.name}-{os.getpid()}-{tmp.name[-6:]}"
@@ -186,3 +195,25 @@ class Workspace:
         os.rename(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _restore_aside(final: Path) -> None:
+    """After a run killed between moving `final` aside and moving its successor in: put the aside copy back;
+    drop aside copies that a finished swap left behind."""
+    asides = sorted(final.parent.glob(f".old-{final.name}-*"), key=lambda p: p.stat().st_mtime)
+    if asides and not final.exists():
+        os.rename(asides.pop(), final)
+    for path in asides:
+        shutil.rmtree(path, ignore_errors=True)
