@@ -183,8 +183,9 @@ class FakeCuda:
         return object()
 
     @contextlib.contextmanager
-    def graph(self, graph, pool=None, stream=None):
-        assert pool is not None and stream is not None
+    def graph(self, graph, pool=None, stream=None, capture_error_mode="global"):
+        # thread-local: a service captures while other threads run (util.gpu.graph_capture)
+        assert pool is not None and stream is not None and capture_error_mode == "thread_local"
         self.capturing = graph
         yield
         self.capturing = None
