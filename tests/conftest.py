@@ -62,19 +62,23 @@ def make_recipe(tmp_path):
     """Write a recipe into tmp_path with its workspace there too; keyword sections override defaults."""
 
     def make(name: str = "t", **sections) -> Path:
-        data = yaml.safe_load((ROOT / "recipes" / "default.yaml").read_text())
-        data["name"] = name
-        data["workspace"] = str(tmp_path / "ws")
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                data.setdefault(section, {}).update(values)
-            else:
-                data[section] = values
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return path
+        return write_recipe(tmp_path / f"{name}.yaml", name, tmp_path / "ws", **sections)
 
     return make
+
+
+def write_recipe(path: Path, name: str, workspace: Path, **sections) -> Path:
+    """The default recipe with this name and workspace, sections merged over it (a dict) or replaced, at path."""
+    data = yaml.safe_load((ROOT / "recipes" / "default.yaml").read_text())
+    data["name"] = name
+    data["workspace"] = str(workspace)
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from trtrag_cli.util import deps
 
@@ -24,16 +23,11 @@ def _one_line_error(res) -> str:
 
 
 def _recipe(folder: Path, workspace: Path, **sections) -> Path:
-    data = yaml.safe_load((ROOT / "recipes" / "default.yaml").read_text())
-    data["name"] = "t"
-    data["workspace"] = str(workspace)
-    data["calibrate"].update(queries=str(CALIBRATION), eval=str(ROOT / "examples" / "queries.jsonl"),
-                             min_iterations=1)
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    from conftest import write_recipe
+
+    calibrate = {"queries": str(CALIBRATION), "eval": str(ROOT / "examples" / "queries.jsonl"), "min_iterations": 1,
+                 **sections.pop("calibrate", {})}
+    return write_recipe(folder / "recipe.yaml", "t", workspace, calibrate=calibrate, **sections)
 
 
 @pytest.fixture(scope="module")

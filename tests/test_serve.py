@@ -21,8 +21,7 @@ import time
 import httpx
 import openai
 import pytest
-import yaml
-from conftest import EXAMPLES, ROOT, Cli
+from conftest import EXAMPLES, ROOT, Cli, write_recipe
 from prometheus_client.parser import text_string_to_metric_families
 
 KEY = "sk-test-key"
@@ -30,13 +29,8 @@ QUESTION = "Can I get an advance replacement for a faulty TH-50 sensor?"
 
 
 def _recipe(folder, name: str = "ex", **sections) -> "os.PathLike":
-    data = yaml.safe_load((ROOT / "recipes" / "default.yaml").read_text())
-    data.update(name=name, workspace=str(folder / "ws"))
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
     path = folder / f"{name}-{len(list(folder.glob('*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_recipe(path, name, folder / "ws", **sections)
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,9 @@ def _on_cpu(recipe: Recipe) -> bool:
     return resolve_recipe_backend(recipe).backend == "onnxruntime"
 
 
-def _cpu_workers(recipe: Recipe) -> int:
+def _cpu_workers(on_cpu: bool) -> int:
     """serve.retrieve_workers left null: a batch per physical core for a CPU encoder, else one."""
-    if not _on_cpu(recipe):
+    if not on_cpu:
         return 1
     from trtrag_cli.encode.onnxruntime import physical_cores
 
@@ -59,8 +59,12 @@ class SharedRetriever:
         one-question command passes max_wait_ms 0: no company can come). retriever: one already open
         (its encoder then belongs to it), else the workspace's is opened."""
         self.recipe = recipe
-        workers = workers or recipe.serve.retrieve_workers or _cpu_workers(recipe)
-        if retriever is None and workers > 1 and recipe.encoder.threads is None and _on_cpu(recipe):
+        on_cpu = None  # asking the machine (GPU, TensorRT) costs: at most once, and only when needed
+        if not (workers or recipe.serve.retrieve_workers):
+            on_cpu = _on_cpu(recipe)
+        workers = workers or recipe.serve.retrieve_workers or _cpu_workers(on_cpu)
+        if retriever is None and workers > 1 and recipe.encoder.threads is None \
+                and (_on_cpu(recipe) if on_cpu is None else on_cpu):
             recipe = recipe.model_copy(deep=True)  # each batch's encoder run on one core of its own
             recipe.encoder.threads = 1
         self.retriever = retriever or Retriever(recipe)
