@@ -132,7 +132,7 @@ def rss():
 from trtrag_cli.recipe.schema import load_recipe
 from trtrag_cli.pipeline import Pipeline
 questions = json.loads(sys.argv[2])
-recipe = load_recipe(None, ["workspace=" + sys.argv[1]])
+recipe = load_recipe(None, ["workspace=" + sys.argv[1]] + json.loads(sys.argv[3]))
 t0 = time.perf_counter()
 with Pipeline(recipe, max_wait_ms=0, workers=1) as p:
     open_s = time.perf_counter() - t0
@@ -164,6 +164,15 @@ def current_generation(ws: Path) -> Path:
     return index / (index / "CURRENT").read_text().strip()
 
 
+def generation_files(gen: Path) -> dict[str, float]:
+    """MB per file of a generation: its own files and those of the segments it lists (segment/file)."""
+    out = {p.name: p.stat().st_size / 1e6 for p in gen.iterdir() if p.is_file()}
+    for name in (gen / "SEGMENTS").read_text().split():
+        seg = gen.parent / "segments" / name
+        out.update({f"{name}/{p.relative_to(seg)}": p.stat().st_size / 1e6 for p in seg.rglob("*") if p.is_file()})
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, default=10_000)
@@ -174,7 +183,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=19)
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder, removed)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="recipe override for every index run and the serving process, e.g. index.kind=ivf")
     args = ap.parse_args(argv)
+    sets = [x for kv in args.sets for x in ("--set", kv)]
 
     work = Path(tempfile.mkdtemp(prefix="trtrag-scale-", dir=args.dir))
     corpus, ws = work / "corpus", work / "ws"
@@ -206,18 +218,19 @@ def main(argv=None) -> dict:
                                  "note": "warm-up index of 10 documents: ONNX export into the shared cache"}
         log(f"encoder export (warm-up, not counted): {export['wall_s']} s, peak RSS {export['peak_rss_mb']} MB")
 
-        full = run_timed(trtrag + ["index", str(corpus), "--set", f"workspace={ws}", "--json"], env)
+        res["sets"] = args.sets
+        full = run_timed(trtrag + ["index", str(corpus), "--set", f"workspace={ws}", *sets, "--json"], env)
         rss_full = full["peak_rss_mb"]
-        gen = current_generation(ws)
-        res["index_full"] = {"wall_s": full["wall_s"], "peak_rss_mb": rss_full, "disk_mb": du_mb(gen),
-                             "files": {p.name: round(p.stat().st_size / 1e6, 1) for p in sorted(gen.iterdir())
-                                       if p.is_file()},
+        files = generation_files(current_generation(ws))
+        res["index_full"] = {"wall_s": full["wall_s"], "peak_rss_mb": rss_full,
+                             "disk_mb": round(sum(files.values()), 1),
+                             "files": {k: round(v, 1) for k, v in sorted(files.items()) if v >= 0.05},
                              "report": {k: full["json"].get(k) for k in ("counts", "seconds", "docs_per_s")}}
         log(f"index full: {full['wall_s']} s, peak RSS {rss_full} MB, disk {res['index_full']['disk_mb']} MB")
 
         qrng = np.random.default_rng(args.seed + 1)
         questions = [synth.question(qrng) for _ in range(args.questions + 1)]
-        serve = run_timed([sys.executable, "-c", SERVE, str(ws), json.dumps(questions)], env)
+        serve = run_timed([sys.executable, "-c", SERVE, str(ws), json.dumps(questions), json.dumps(args.sets)], env)
         s = serve["json"]
         lat = s["latency_ms"]
         res["serve"] = {"open_s": round(s["open_s"], 2), "rss_open_mb": round(s["rss_open_mb"], 1),
@@ -235,13 +248,23 @@ def main(argv=None) -> dict:
         for f in sorted(picks):
             write_file(corpus, synth, int(f), sizes[f], version=1, changed=args.changed_docs)
         time.sleep(0.01)
-        again = run_timed(trtrag + ["index", str(corpus), "--set", f"workspace={ws}", "--json"], env)
+        again = run_timed(trtrag + ["index", str(corpus), "--set", f"workspace={ws}", *sets, "--json"], env)
         res["index_1pct"] = {"files_changed": n_changed, "wall_s": again["wall_s"],
                              "ratio_to_full": round(again["wall_s"] / full["wall_s"], 3),
                              "peak_rss_mb": again["peak_rss_mb"],
+                             "disk_added_mb": round(sum(generation_files(current_generation(ws)).values())
+                                                    - sum(files.values()), 1),
                              "report": {k: again["json"].get(k) for k in ("counts", "seconds", "docs_per_s")}}
         log(f"re-index after {n_changed} files changed: {again['wall_s']} s "
             f"({res['index_1pct']['ratio_to_full']:.1%} of the full index)")
+
+        after = run_timed([sys.executable, "-c", SERVE, str(ws), json.dumps(questions), json.dumps(args.sets)], env)
+        lat2 = after["json"]["latency_ms"]
+        res["serve_after_reindex"] = {"rss_after_mb": round(after["json"]["rss_after_mb"], 1),
+                                      "segments": again["json"].get("counts", {}).get("segments"),
+                                      "ask_ms": {"p50": pct(lat2, 50), "p90": pct(lat2, 90), "p99": pct(lat2, 99)}}
+        log(f"serve after the re-index: RSS {res['serve_after_reindex']['rss_after_mb']} MB, ask P50/P99 "
+            f"{res['serve_after_reindex']['ask_ms']['p50']}/{res['serve_after_reindex']['ask_ms']['p99']} ms")
 
         budget = 1.2 * res["vector_bytes"] / 1e6 + 300
         res["targets"] = {

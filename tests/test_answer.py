@@ -14,8 +14,7 @@ def test_split_keeps_abbreviations_and_drops_headings():
 
 
 def _generator(texts):
-    lex = LexicalIndex(LexicalConfig())
-    lex.build(texts)
+    lex = LexicalIndex.from_texts(LexicalConfig(), texts)
     return ExtractiveGenerator(lex, max_sentences=2)
 
 
@@ -60,8 +59,7 @@ DATASHEETS = [
 
 
 def _answer(question: str, passages: list[dict], max_sentences: int = 3) -> str:
-    lex = LexicalIndex(LexicalConfig())
-    lex.build([p["text"] for p in passages])
+    lex = LexicalIndex.from_texts(LexicalConfig(), [p["text"] for p in passages])
     return ExtractiveGenerator(lex, max_sentences=max_sentences).answer(question, passages)
 
 

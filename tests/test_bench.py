@@ -57,7 +57,7 @@ def test_bench_on_the_workspace_index_uses_its_vectors_and_the_recipe_queries(cl
     stage = report["stage"]
     assert stage["encoder"].startswith("onnxruntime-fp32/")
     # The stage is what ask and serve run: the recipe's mode through the pipeline's batch worker.
-    assert stage["mode"] == "hybrid" and stage["path"] == "pipeline" and stage["search_engine"] == "cpu: faiss"
+    assert stage["mode"] == "hybrid" and stage["path"] == "pipeline" and stage["search_engine"] == "cpu: exact over memory-mapped vectors"
     assert set(stage["batch1"]) == {"queue", "encode", "search", "rerank", "total"}
     assert stage["batch1"]["total"]["n"] == 10
     c = stage["concurrent"]

@@ -134,10 +134,10 @@ def _doctor_fails_as_ask_does(cli, *args) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("damaged", ["vectors.faiss", "chunks.jsonl", "vectors.npy", "bm25/vocab.index.json"])
+@pytest.mark.parametrize("damaged", ["chunks.sqlite", "vectors.npy", "ids.npy", "bm25/docs.npy"])
 def test_doctor_fails_on_a_truncated_index_file(cli, indexed_copy, damaged):
     recipe, gen = indexed_copy
-    path = gen / damaged
+    path = gen.parent / "segments" / (gen / "SEGMENTS").read_text().split()[0] / damaged
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     problems = _doctor_fails_as_ask_does(cli, "--recipe", recipe)
     assert len(problems) == 1 and problems[0].startswith("index: ") and "trtrag index <corpus> --rebuild" in problems[0]
@@ -292,15 +292,16 @@ def test_failed_index_run_leaves_previous_generation(cli, make_recipe, corpus_co
 
     import trtrag_cli.index.bm25 as lexical
 
-    def boom(self, texts):
+    def boom(term_lists):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(lexical.LexicalIndex, "build", boom)
+    monkeypatch.setattr(lexical.Postings, "build", boom)
     with pytest.raises(RuntimeError):
         cli("index", corpus_copy, "--recipe", recipe, ok=None)
     assert _current(recipe) == before
     index_dir = Path(yaml.safe_load(recipe.read_text())["workspace"]) / "t" / "index"
     assert not [p for p in index_dir.iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in (index_dir / "segments").iterdir() if p.name.startswith(".tmp")]
     monkeypatch.undo()
     assert cli.json("ask", "gateways", "--recipe", recipe)["passages"]
 

@@ -428,8 +428,7 @@ def _extractive():
     from trtrag_cli.index.bm25 import LexicalIndex
     from trtrag_cli.recipe.schema import LexicalConfig
 
-    lexical = LexicalIndex(LexicalConfig())
-    lexical.build([p["text"] for p in PASSAGES])
+    lexical = LexicalIndex.from_texts(LexicalConfig(), [p["text"] for p in PASSAGES])
     return ExtractiveGenerator(lexical)
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from trtrag_cli.index.bm25 import LexicalIndex
-from trtrag_cli.index.chunks import ChunkRecord, ChunkStore
 from trtrag_cli.index.vectors import VectorIndex, placement_for
 from trtrag_cli.recipe.schema import IndexConfig, LexicalConfig
 from trtrag_cli.retrieve.retriever import fuse
@@ -196,36 +195,28 @@ def test_dimension_mismatch_is_a_user_error(tmp_path):
 def test_bm25_stems_and_round_trips(tmp_path):
     texts = ["The turbines were inspected in March.", "Invoices are paid within thirty days.",
              "Wind turbine inspection schedule", ""]
-    lex = LexicalIndex(LexicalConfig())
-    lex.build(texts)
-    s = lex.scores("turbine inspections")
-    assert s.shape == (4,) and s[0] > 0 and s[2] > 0 and s[1] == 0 and s[3] == 0
+    lex = LexicalIndex.from_texts(LexicalConfig(), texts)
+    m = lex.match("turbine inspections")
+    assert m.rows.tolist() == [0, 2] and (m.scores > 0).all()
     assert lex.idf("invoic") > 0 and lex.idf("zzz") == 0
-    lex.save(tmp_path / "bm25")
-    back = LexicalIndex.load(tmp_path / "bm25", LexicalConfig())
-    np.testing.assert_allclose(back.scores("turbine inspections"), s)
-    assert not back.scores("the and of").any()
-
-
-def test_store_maps_ids_to_rows_and_rejects_duplicates(tmp_path):
-    recs = [ChunkRecord(f"d{i}#0", f"d{i}", f"d{i}.txt", 0, "", f"text {i}", f"h{i}") for i in range(5)]
-    store = ChunkStore(recs, np.eye(5, dtype=np.float32))
-    rows = store.rows_of(np.array([store.ids[3], -1, store.ids[0]]))
-    assert rows.tolist() == [3, -1, 0]
-    store.save(tmp_path)
-    assert ChunkStore.load(tmp_path).records == recs
-    with pytest.raises(TrtragError, match="share an id"):
-        ChunkStore(recs + recs[:1], np.eye(6, dtype=np.float32))
+    lex.postings[0].save(tmp_path / "bm25")
+    back = LexicalIndex.open(LexicalConfig(), [tmp_path], np.array([0, 4]))
+    np.testing.assert_allclose(back.match("turbine inspections").scores, m.scores)
+    assert not len(back.match("the and of").rows)
+    assert isinstance(back.postings[0].docs, np.memmap)  # read from disk, not loaded
 
 
 def test_fusion_modes():
+    from trtrag_cli.index.bm25 import LexicalScores
+
     vectors = np.eye(4, dtype=np.float32)
     q = np.array([0.9, 0.1, 0.0, 0.0], np.float32)
     dense_rows = np.array([0, 1, 2, 3])
-    lex = np.array([0.0, 0.0, 5.0, 1.0], np.float32)
-    assert fuse("dense", dense_rows, None, q, vectors, 10, 60, 0.5)[0].tolist() == [0, 1, 2, 3]
-    assert fuse("bm25", dense_rows, lex, q, vectors, 10, 60, 0.5)[0].tolist() == [2, 3]
-    rows, scores = fuse("rrf", dense_rows, lex, q, vectors, 10, 60, 0.5)
+    lex = LexicalScores(np.array([2, 3]), np.array([5.0, 1.0], np.float32))
+    vec = vectors.__getitem__
+    assert fuse("dense", dense_rows, None, q, vec, 10, 60, 0.5)[0].tolist() == [0, 1, 2, 3]
+    assert fuse("bm25", dense_rows, lex, q, vec, 10, 60, 0.5)[0].tolist() == [2, 3]
+    rows, scores = fuse("rrf", dense_rows, lex, q, vec, 10, 60, 0.5)
     assert set(rows.tolist()) == {0, 1, 2, 3} and np.all(np.diff(scores) <= 0)
-    assert fuse("hybrid", dense_rows, lex, q, vectors, 10, 60, 1.0)[0][0] == 0
-    assert fuse("hybrid", dense_rows, lex, q, vectors, 10, 60, 0.0)[0][0] == 2
+    assert fuse("hybrid", dense_rows, lex, q, vec, 10, 60, 1.0)[0][0] == 0
+    assert fuse("hybrid", dense_rows, lex, q, vec, 10, 60, 0.0)[0][0] == 2

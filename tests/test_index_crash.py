@@ -147,7 +147,8 @@ OLD = {  # name: (what the older trtrag wrote differently, does this version rea
     "first release": (_first_release, True),
     "no layout": (_layout(None), False),
     "layout 0": (_layout(0), False),
-    "layout 2": (_layout(2), False),
+    "layout 1 (before segments)": (_layout(1), False),
+    "layout 3": (_layout(3), False),
     "no encoder dim": (_drop_dim, False),
 }
 

@@ -129,6 +129,6 @@ def test_refresh_swaps_in_a_new_index_generation(workspace, tmp_path, monkeypatc
         assert pipe.retrieve(question, mode="bm25")["passages"][0]["file"].endswith("quillby.md")
         # A request that began on the old generation finishes there (its files are already gone).
         before = old.rank(question, "bm25")
-        assert all(not old.store.records[r].file.endswith("quillby.md") for r in before.rows.tolist())
+        assert all(not r.file.endswith("quillby.md") for r in old.store.records_of(before.rows))
         assert pipe.refresh() is False
     assert pipe.retriever.encoder is None  # the live retriever released the shared encoder

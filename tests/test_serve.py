@@ -290,7 +290,7 @@ def test_metrics_count_requests_stages_and_the_index(rag, indexed):
         assert moved("trtrag_stage_duration_seconds_count", stage=stage) == 2
     assert moved("trtrag_queue_wait_seconds_count") == 3
     assert _sample(after, "trtrag_requests_in_flight") == 0
-    chunks = len(service.pipeline().retriever.store.records)
+    chunks = len(service.pipeline().retriever.store)
     assert _sample(after, "trtrag_index_chunks") == chunks > 50
     # The stages' batch and token events land in the histograms
     from trtrag_cli.util.observe import emit

@@ -94,23 +94,27 @@ def index_stage(recipe: Recipe, encoder) -> dict:
     from trtrag_cli.retrieve.retriever import check_built_with, open_stores
     from trtrag_cli.util.workspace import Workspace
 
-    vindex = None
+    vindex = store = None
     try:
         gen = Workspace(recipe.workspace_dir()).require_index()
         manifest = load_index_manifest(gen)
         if encoder is not None:
             check_built_with(manifest, encoder.name, recipe)
         store, vindex, _ = open_stores(recipe, gen, manifest)
+        for seg in store.segments:
+            seg.check()
         placement = vindex.placement
-        rows = vindex.count() if recipe.index.backend == "milvus" else None
+        rows = vindex.milvus.count() if recipe.index.backend == "milvus" else None
     except TrtragError as exc:
         return {"backend": "none", "ok": False, "why": "the index `ask` would search", "problem": _line(exc)}
     finally:
-        if vindex is not None and hasattr(vindex, "close"):  # a Milvus connection
-            vindex.close()
+        if vindex is not None:
+            vindex.close()  # a Milvus connection
+        if store is not None:
+            store.close()
     built_with = manifest.get("encoder", {}).get("name")
-    out = {"backend": gen.name, "ok": True, "chunks": len(store.records),
-           "why": f"{len(store.records)} chunks, built with {built_with}"}
+    out = {"backend": gen.name, "ok": True, "chunks": len(store),
+           "why": f"{len(store)} chunks, built with {built_with}"}
     if recipe.index.backend == "milvus":
         out["milvus"] = {"placement": placement, "rows": rows}
         out["why"] += f"; Milvus collection opens ({placement}, {rows} rows)"
@@ -121,8 +125,9 @@ def lexical_stage(recipe: Recipe) -> dict:
     """Who scores BM25: bm25s in this process, or Milvus full-text search (bm25s still gives the analyser)."""
     if recipe.index.backend == "milvus":
         return {"backend": "milvus BM25", "ok": available("pymilvus") and available("bm25s"),
-                "why": "index.backend: milvus: full-text search in the collection over bm25s-analysed terms"}
-    return {"backend": "bm25s", "ok": available("bm25s"), "why": "index.backend: faiss"}
+                "why": "index.backend: milvus: full-text search in the collection over our analysed terms"}
+    return {"backend": "bm25 postings", "ok": available("bm25s"),
+            "why": "index.backend: faiss: BM25 over the segments' postings (bm25s gives the stop words)"}
 
 
 def generator_stage(recipe: Recipe, gpu_list: list[dict]) -> dict:

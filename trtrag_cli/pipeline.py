@@ -105,10 +105,9 @@ class Pipeline:
 
     def passages(self, rows, scores, k: int, retriever=None) -> list[dict]:
         """The top-k chunk records as plain dicts, numbered from 1 for citations."""
-        records = (retriever or self.retriever).store.records
+        records = (retriever or self.retriever).store.records_of(rows[:k])
         out = []
-        for n, (row, score) in enumerate(zip(rows[:k].tolist(), scores[:k].tolist()), start=1):
-            r = records[row]
+        for n, (r, score) in enumerate(zip(records, scores[:k].tolist()), start=1):
             out.append({"n": n, "id": r.id, "source": r.source, "file": r.file, "title": r.title,
                         "score": round(float(score), 6), "text": r.text})
         return out

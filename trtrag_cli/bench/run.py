@@ -541,19 +541,24 @@ def _p50(searcher, q, k) -> float:
 def _workspace_data(recipe: Recipe, n_queries: int, queries_path: Path | None):
     """The workspace index's vectors and ids, and its queries encoded by the recipe's encoder."""
     from trtrag_cli.encode.artifacts import open_recipe_encoder
-    from trtrag_cli.index.chunks import ChunkStore
+    from trtrag_cli.index.generation import load_index_manifest, open_store
     from trtrag_cli.util.workspace import Workspace
 
     ws = Workspace(recipe.workspace_dir())
-    store = ChunkStore.load(ws.require_index())
+    gen = ws.require_index()
+    store = open_store(gen, load_index_manifest(gen))
+    try:
+        vectors = store.vectors_of(store.live_rows())
+        texts = _query_texts(recipe, queries_path, n_queries)
+        if len(texts) < n_queries:  # too few query texts: pad with chunk texts
+            pad = zip(range(n_queries - len(texts)), store.iter_records(("text",)))
+            texts += [values[0] for _, (_, values) in pad]
+    finally:
+        store.close()
     encoder = open_recipe_encoder(recipe, ws)
-    texts = _query_texts(recipe, queries_path, n_queries)
-    if len(texts) < n_queries:  # too few query texts: pad with chunk texts
-        texts += [r.text for r in store.records[: n_queries - len(texts)]]
     queries = encoder.encode(texts, batch_size=64)
-    return (store.vectors, queries, encoder,
-            {"kind": "workspace index", "vectors": len(store.vectors), "dim": int(store.vectors.shape[1]),
-             "queries": len(texts)})
+    return (vectors, queries, encoder,
+            {"kind": "workspace index", "vectors": len(vectors), "dim": int(vectors.shape[1]), "queries": len(texts)})
 
 
 def plot(report: dict, path: Path) -> Path:

@@ -23,11 +23,11 @@ TOP = 10
 
 @dataclass
 class RecallData:
-    """What recall@10 needs: eval queries, chunk texts and records, BM25 over them, FP32 figures."""
+    """What recall@10 needs: eval queries, chunk texts and sources, BM25 over them, FP32 figures."""
 
     queries: list[dict]
     texts: list[str]
-    records: list
+    sources: list[str]
     lexical: object
     baseline: float
     fp32_vectors: np.ndarray
@@ -53,16 +53,15 @@ class Probe:
         """Held-out queries + sampled indexed passages, embedded once by the FP32 model at fp32_path."""
         from trtrag_cli.corpus.chunking import index_text
         from trtrag_cli.encode.onnxruntime import OrtEncoder
-        from trtrag_cli.index.chunks import ChunkStore
         from trtrag_cli.util.workspace import Workspace
 
         warnings = []
         gen = Workspace(recipe.workspace_dir()).current_index()
-        store = ChunkStore.load(gen) if gen is not None else None
+        store = _IndexCopy.read(recipe, gen) if gen is not None else None
         passages = []
         if store is not None:
-            rows = np.random.default_rng(0).permutation(len(store))[:PASSAGES]
-            passages = [index_text(store.records[r].title, store.records[r].text) for r in sorted(rows)]
+            rows = np.random.default_rng(0).permutation(len(store.texts))[:PASSAGES]
+            passages = [store.texts[r] for r in sorted(rows)]
         else:
             warnings.append("no index yet: the gate measured queries only (no passages, no top-10 overlap)")
         if len(holdout) < 64:
@@ -81,12 +80,36 @@ class Probe:
         return probe
 
 
-def _recall_data(recipe, store, gen: Path, eval_path: Path, ref, warnings: list[str]) -> RecallData | None:
-    from trtrag_cli.corpus.chunking import index_text
+@dataclass
+class _IndexCopy:
+    """The live chunks of an index generation in memory, row i = live chunk i (the gate's sets are small)."""
+    texts: list[str]
+    sources: list[str]
+    vectors: np.ndarray
+
+    @classmethod
+    def read(cls, recipe, gen: Path) -> "_IndexCopy":
+        from trtrag_cli.corpus.chunking import index_text
+        from trtrag_cli.index.generation import load_index_manifest, open_store
+
+        store = open_store(gen, load_index_manifest(gen))
+        try:
+            rows, texts, sources = [], [], []
+            for row, (source, title, text) in store.iter_records(("source", "title", "text")):
+                rows.append(row)
+                texts.append(index_text(title, text))
+                sources.append(source)
+            return cls(texts, sources, store.vectors_of(np.array(rows, dtype=np.int64)))
+        finally:
+            store.close()
+
+
+def _recall_data(recipe, store: _IndexCopy, gen: Path, eval_path: Path, ref,
+                 warnings: list[str]) -> RecallData | None:
     from trtrag_cli.evaluate.known_items import load_queries
     from trtrag_cli.index.bm25 import LexicalIndex
 
-    known = {r.source for r in store.records}
+    known = set(store.sources)
     queries = load_queries(eval_path)
     usable = [q for q in queries if known & set(q["relevant"])]
     if not usable:
@@ -97,11 +120,11 @@ def _recall_data(recipe, store, gen: Path, eval_path: Path, ref, warnings: list[
         warnings.append(f"recall gate: {len(queries) - len(usable)} of {len(queries)} queries in {eval_path} "
                         "name no indexed document and were left out")
     queries = usable
-    texts = [index_text(r.title, r.text) for r in store.records]
-    lexical = LexicalIndex.load(gen / "bm25", recipe.lexical)
+    texts = store.texts
+    lexical = LexicalIndex.from_texts(recipe.lexical, texts)  # its rows are the copy's rows
     # The index's own vectors are FP32 when the index was built by an FP32 encoder; else re-embed.
     vectors = store.vectors if "fp32" in str(_encoder_name(gen)) else ref.encode(texts, recipe.encoder.batch_size)
-    data = RecallData(queries, texts, store.records, lexical, 0.0, vectors)
+    data = RecallData(queries, texts, store.sources, lexical, 0.0, vectors)
     data.baseline = _recall_at(recipe, data, vectors, ref.encode([q["query"] for q in queries], batch_size=1))
     return data
 
@@ -126,9 +149,11 @@ def _recall_at(recipe, data: RecallData, doc_vectors: np.ndarray, query_vectors:
             top = min(cfg.top_n, len(scores))
             dense_rows = np.argpartition(-scores, top - 1)[:top]
             dense_rows = dense_rows[np.argsort(-scores[dense_rows], kind="stable")]
-        lex = data.lexical.scores(q["query"]) if cfg.mode != "dense" else None
-        rows, _ = fuse(cfg.mode, dense_rows, lex, vec, doc_vectors, cfg.top_n, cfg.rrf_k, cfg.dense_weight)
-        total += score_query(ranked_sources(data.records, rows, k), q["relevant"])[f"recall@{k}"]
+        lex = data.lexical.match(q["query"]) if cfg.mode != "dense" else None
+        rows, _ = fuse(cfg.mode, dense_rows, lex, vec, doc_vectors.__getitem__, cfg.top_n, cfg.rrf_k,
+                       cfg.dense_weight)
+        total += score_query(ranked_sources([data.sources[r] for r in rows.tolist()], k),
+                             q["relevant"])[f"recall@{k}"]
     return total / max(1, len(data.queries))
 
 

@@ -69,13 +69,17 @@ def read_queries(path: Path) -> list[str]:
 
 def corpus_queries(recipe: Recipe, n: int, seed: int = 0) -> list[str]:
     """Pseudo-queries cut from the indexed chunks (spans of 4-24 words), for when no query set exists."""
-    from trtrag_cli.index.chunks import ChunkStore
+    from trtrag_cli.index.generation import load_index_manifest, open_store
 
     gen = Workspace(recipe.workspace_dir()).current_index()
     if gen is None:
         raise TrtragError("no calibration queries and no index to sample them from",
                           "put domain queries in calibration/ (one per line) or run trtrag index first")
-    words = [r.text.split() for r in ChunkStore.load(gen).records]
+    store = open_store(gen, load_index_manifest(gen))
+    try:
+        words = [values[0].split() for _, values in store.iter_records(("text",))]
+    finally:
+        store.close()
     words = [w for w in words if len(w) >= 4]
     rng = random.Random(seed)
     out: set[str] = set()

@@ -17,14 +17,17 @@ def index(paths: List[Path] = typer.Argument(..., help="Corpus folders or files.
           rebuild: bool = typer.Option(False, "--rebuild", help=(
               "Build from scratch, ignoring the published index and a killed run's saved vectors "
               "(calibration and engines are kept). A damaged index is rebuilt without it.")),
+          compact: bool = typer.Option(False, "--compact", help=(
+              "Merge the index's segments into one after updating (re-indexing also does it by itself past "
+              "index.compact_above and index.max_segments).")),
           as_json: bool = JsonOpt) -> None:
-    """Chunk, embed and index a corpus (incremental: only new or changed files are embedded)."""
+    """Chunk, embed and index a corpus (incremental: only new or changed files are embedded and written)."""
     from trtrag_cli.index.build import run_index
 
     cfg = load(recipe, set_)
     err = console(stderr=True)
     with Progress(err, unit={"embed": "chunks"}) as progress:
-        report = run_index(cfg, paths, progress.update, rebuild=rebuild)
+        report = run_index(cfg, paths, progress.update, rebuild=rebuild, compact=compact)
     if as_json:
         emit_json(report)
         return
@@ -39,6 +42,9 @@ def index(paths: List[Path] = typer.Argument(..., help="Corpus folders or files.
               + (f"; {c['chunks_resumed']} resumed from an interrupted run" if c["chunks_resumed"] else "")
               + (f"; {c['chunks_with_embeddings']} brought their own embeddings" if c["chunks_with_embeddings"]
                  else ""),
+              markup=False)
+    out.print(f"segments: {c['segments']}, dead rows: {c['dead_rows']}"
+              + (f"; compacted in {report['compacted']['seconds']:.1f} s" if report["compacted"] else ""),
               markup=False)
     if report["skipped"]:
         out.print("skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(report["skipped"].items())),

@@ -42,11 +42,11 @@ def load_queries(path: Path) -> list[dict]:
     return out
 
 
-def ranked_sources(records, rows: np.ndarray, limit: int) -> list[str]:
-    """Distinct sources in rank order (a source's best chunk decides its place)."""
+def ranked_sources(sources: list[str], limit: int) -> list[str]:
+    """Distinct sources in rank order (a source's best chunk decides its place), from each ranked row's."""
     seen: dict[str, None] = {}
-    for row in rows.tolist():
-        seen.setdefault(records[row].source, None)
+    for source in sources:
+        seen.setdefault(source, None)
         if len(seen) >= limit:
             break
     return list(seen)
@@ -72,7 +72,7 @@ def run_eval(recipe: Recipe, queries_path: Path, modes: list[str] | None = None,
     modes = modes or [recipe.retrieve.mode]
     known = None
     with Retriever(recipe) as retriever:
-        known = {r.source for r in retriever.store.records}
+        known = retriever.store.sources()
         missing = sorted({s for q in queries for s in q["relevant"]} - known)
         per_mode = {m: {"scores": [], "timings": {}} for m in modes}
         for i, q in enumerate(queries):
@@ -82,7 +82,7 @@ def run_eval(recipe: Recipe, queries_path: Path, modes: list[str] | None = None,
             for m in modes:
                 ranking = retriever.rank(q["query"], mode=m, query_vec=vec)
                 ranking.timings["encode"] = encode_ms
-                ranked = ranked_sources(retriever.store.records, ranking.rows, max(KS))
+                ranked = ranked_sources(retriever.store.sources_of(ranking.rows), max(KS))
                 acc = per_mode[m]
                 acc["scores"].append(score_query(ranked, q["relevant"]))
                 for stage, ms in ranking.timings.items():

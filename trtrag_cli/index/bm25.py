@@ -1,9 +1,24 @@
-"""BM25 side of hybrid retrieval, over the same chunks as the vector index (row i = chunk i)."""
+"""BM25 side of hybrid retrieval: per-segment postings, scored with statistics shared by all segments.
+
+Why not bm25s's index: bm25s stores scores precomputed with its corpus' idf, so segments indexed apart
+could not be compared, and its query path fills a dense array of one score per document (a 1M-chunk
+index: 4 MB written and an argpartition over 1M per query). Here each segment keeps raw postings (term
+hash -> documents and term frequencies, memory-mapped), and a query reads only the postings of its
+terms. Scores are bm25s's "lucene" BM25 (same k1, b, idf and length normalisation; a test checks they
+agree) with N, document frequencies and the average length summed over every segment of the
+generation, so a chunk scores the same whichever segment holds it. Dead rows (tombstones) still count
+in those statistics until compaction drops them, as in Lucene: a re-index of 1% of the files moves idf
+by about that much, and `trtrag index --compact` makes them exact again.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -12,6 +27,8 @@ from trtrag_cli.util.deps import require
 from trtrag_cli.util.errors import TrtragError
 
 _WORD = re.compile(r"(?u)\b\w\w+\b")
+BM25_DIR = "bm25"
+_FILES = ("terms", "indptr", "docs", "tfs", "doclen")
 
 
 class Analyzer:
@@ -51,55 +68,204 @@ class Analyzer:
         return out
 
 
-class LexicalIndex:
-    """bm25s over chunk texts; `scores(query)` gives one BM25 score per chunk row."""
+def term_hash(term: str) -> int:
+    """The int64 key a term is stored under (64-bit hashes: a collision is not expected below ~10^9 terms)."""
+    return int.from_bytes(hashlib.blake2b(term.encode(), digest_size=8).digest(), "little", signed=True)
 
-    def __init__(self, cfg: LexicalConfig, bm25=None):
-        self.cfg = cfg
-        self.analyzer = Analyzer(cfg)
-        self._bm25 = bm25
 
-    def build(self, texts: list[str]) -> None:
-        """Index the chunk texts in row order."""
-        bm25s = require("bm25s", "BM25")
-        self._bm25 = bm25s.BM25(k1=self.cfg.k1, b=self.cfg.b)
-        # bm25s rejects an all-empty corpus; a placeholder term keeps row numbering intact.
-        tokens = [self.analyzer.terms(t) or ["\x00empty"] for t in texts]
-        self._bm25.index(tokens, show_progress=False)
+class Postings:
+    """One segment's postings: for each term (sorted by hash) the documents holding it and how often."""
 
-    def scores(self, query: str) -> np.ndarray:
-        """BM25 score of every chunk for the query (zeros when no query term is known)."""
-        terms = [t for t in self.analyzer.terms(query) if t in self._bm25.vocab_dict]
-        if not terms:
-            return np.zeros(self._bm25.scores["num_docs"], dtype=np.float32)
-        return self._bm25.get_scores(terms)
-
-    def scores_many(self, queries: list[str | None]) -> list[np.ndarray | None]:
-        """scores() of each query (None for None). bm25s's batch API, `retrieve`, loops over get_scores
-        and keeps only each query's top-k; hybrid fusion needs the score of every dense candidate too."""
-        return [None if q is None else self.scores(q) for q in queries]
-
-    def idf(self, term: str) -> float:
-        """BM25 inverse document frequency of an analysed term (0 when unknown)."""
-        tid = self._bm25.vocab_dict.get(term)
-        if tid is None:
-            return 0.0
-        indptr = self._bm25.scores["indptr"]
-        df = float(indptr[tid + 1] - indptr[tid])
-        n = float(self._bm25.scores["num_docs"])
-        return float(np.log(1.0 + (n - df + 0.5) / (df + 0.5)))
-
-    def save(self, folder: Path) -> None:
-        """Persist the index (no corpus copy: the chunk store has the texts)."""
-        self._bm25.save(str(folder), show_progress=False)
+    def __init__(self, terms, indptr, docs, tfs, doclen):
+        self.terms, self.indptr, self.docs, self.tfs, self.doclen = terms, indptr, docs, tfs, doclen
+        self.length_sum = float(np.sum(doclen, dtype=np.float64))
 
     @classmethod
-    def load(cls, folder: Path, cfg: LexicalConfig) -> "LexicalIndex":
-        """Load a saved BM25 index."""
-        bm25s = require("bm25s", "BM25")
+    def build(cls, term_lists: Iterable[list[str]]) -> "Postings":
+        """Postings of documents given as analysed term lists, in row order."""
+        vocab: dict[str, int] = {}
+        term_ids, tf_parts, doc_parts, lengths = [], [], [], []
+        for doc, terms in enumerate(term_lists):
+            lengths.append(len(terms))
+            if not terms:
+                continue
+            counts = Counter(terms)
+            term_ids.append(np.fromiter((vocab.setdefault(t, len(vocab)) for t in counts), np.int64, len(counts)))
+            tf_parts.append(np.fromiter(counts.values(), np.float32, len(counts)))
+            doc_parts.append(np.full(len(counts), doc, dtype=np.int32))
+        return cls.from_entries(np.array([term_hash(t) for t in vocab], dtype=np.int64),
+                                _cat(term_ids, np.int64), _cat(doc_parts, np.int32), _cat(tf_parts, np.float32),
+                                np.array(lengths, dtype=np.int32))
+
+    @classmethod
+    def from_entries(cls, hashes: np.ndarray, term_of: np.ndarray, docs: np.ndarray, tfs: np.ndarray,
+                     doclen: np.ndarray) -> "Postings":
+        """Postings from (term number, document, tf) entries listed in document order, where
+        hashes[term number] is the term's key."""
+        keys, rank = np.unique(hashes, return_inverse=True)  # sorted keys; equal keys (collisions) merge
+        rank = rank[term_of] if len(term_of) else term_of
+        order = np.argsort(rank, kind="stable")  # stable: documents stay ascending within each term
+        indptr = np.zeros(len(keys) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rank, minlength=len(keys)), out=indptr[1:])
+        return cls(keys.astype(np.int64), indptr, docs[order].astype(np.int32), tfs[order].astype(np.float32),
+                   doclen.astype(np.int32))
+
+    @classmethod
+    def merge(cls, parts: list[tuple["Postings", np.ndarray]]) -> "Postings":
+        """One segment's postings from several (postings, dead rows mask), in row order: dead documents
+        dropped, the rest renumbered one after another. Each part is sorted by (term, document) already,
+        so a stable sort by term merges them without comparing documents."""
+        hashes, docs, tfs, lengths, base = [], [], [], [], 0
+        for p, dead in parts:
+            new_row = np.cumsum(~dead) - 1 + base
+            term = np.repeat(np.asarray(p.terms), np.diff(np.asarray(p.indptr)))
+            d = np.asarray(p.docs)
+            keep = ~dead[d]
+            hashes.append(term[keep])
+            docs.append(new_row[d[keep]].astype(np.int32))
+            tfs.append(np.asarray(p.tfs)[keep])
+            lengths.append(np.asarray(p.doclen)[~dead])
+            base += int((~dead).sum())
+        h = _cat(hashes, np.int64)
+        order = np.argsort(h, kind="stable")  # timsort: linear-ish over a few sorted runs
+        h = h[order]
+        starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]]) if len(h) else np.zeros(0, dtype=np.int64)
+        indptr = np.append(starts, len(h)).astype(np.int64)
+        return cls(h[starts], indptr, _cat(docs, np.int32)[order], _cat(tfs, np.float32)[order],
+                   _cat(lengths, np.int32))
+
+    def find(self, hashes: np.ndarray) -> np.ndarray:
+        """Position of each term hash in this segment's vocabulary (-1 where absent)."""
+        if not len(self.terms):
+            return np.full(len(hashes), -1, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.terms, hashes), 0, len(self.terms) - 1)
+        return np.where(self.terms[pos] == hashes, pos, -1)
+
+    def save(self, folder: Path) -> None:
+        """Write the five arrays into folder."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in _FILES:
+            np.save(folder / f"{name}.npy", getattr(self, name))
+
+    @classmethod
+    def load(cls, folder: Path) -> "Postings":
+        """Memory-map a saved segment's postings."""
         try:
-            bm25 = bm25s.BM25.load(str(folder), mmap=False, show_progress=False)
-        except (OSError, ValueError) as exc:
-            raise TrtragError(f"cannot read BM25 index '{folder}': {exc}",
+            arrays = [np.load(folder / f"{name}.npy", mmap_mode="r") for name in _FILES]
+        except (OSError, ValueError, EOFError) as exc:
+            raise TrtragError(f"cannot read BM25 postings '{folder}': {exc}",
                               "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)") from None
-        return cls(cfg, bm25)
+        terms, indptr, docs, tfs, _ = arrays
+        if len(indptr) != len(terms) + 1 or len(docs) != len(tfs) or (len(indptr) and indptr[-1] != len(docs)):
+            raise TrtragError(f"BM25 postings '{folder}' are inconsistent",
+                              "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)")
+        return cls(*arrays)
+
+
+def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+
+
+@dataclass
+class LexicalScores:
+    """A query's BM25 scores of the rows that hold one of its terms: rows ascending, scores aligned."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+
+    def top(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The n best rows with a positive score, best first (ties: lower row first)."""
+        keep = self.scores > 0
+        rows, scores = self.rows[keep], self.scores[keep]
+        if len(rows) > n:
+            part = np.argpartition(-scores, n - 1)[:n]
+            rows, scores = rows[part], scores[part]
+        order = np.lexsort((rows, -scores))
+        return rows[order], scores[order]
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        """Scores of the given rows (0 for rows holding no query term)."""
+        if not len(self.rows):
+            return np.zeros(len(rows), dtype=np.float32)
+        pos = np.clip(np.searchsorted(self.rows, rows), 0, len(self.rows) - 1)
+        return np.where(self.rows[pos] == rows, self.scores[pos], 0.0).astype(np.float32)
+
+
+class LexicalIndex:
+    """BM25 over the segments of one generation (store.segments' postings), dead rows never returned."""
+
+    def __init__(self, cfg: LexicalConfig, postings: list[Postings], offsets: np.ndarray,
+                 dead: list[np.ndarray] | None = None):
+        self.cfg = cfg
+        self.analyzer = Analyzer(cfg)
+        self.postings = postings
+        self.offsets = offsets
+        self.dead = dead or [np.zeros(len(p.doclen), dtype=bool) for p in postings]
+        self.n_docs = sum(len(p.doclen) for p in postings)
+        self.avgdl = max(sum(p.length_sum for p in postings) / max(self.n_docs, 1), 1e-9)
+
+    def _df(self, hashes: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Documents holding each term over all segments, and each term's position per segment."""
+        df = np.zeros(len(hashes), dtype=np.float64)
+        where = []
+        for p in self.postings:
+            pos = p.find(hashes)
+            found = pos >= 0
+            df[found] += np.asarray(p.indptr)[pos[found] + 1] - np.asarray(p.indptr)[pos[found]]
+            where.append(pos)
+        return df, where
+
+    def _idf(self, df: np.ndarray) -> np.ndarray:
+        return np.log1p((self.n_docs - df + 0.5) / (df + 0.5))
+
+    def idf(self, term: str) -> float:
+        """BM25 inverse document frequency of an analysed term (0 when no chunk holds it)."""
+        df, _ = self._df(np.array([term_hash(term)], dtype=np.int64))
+        return float(self._idf(df)[0]) if df[0] else 0.0
+
+    def match(self, query: str) -> LexicalScores:
+        """BM25 scores of the live rows that hold a term of the query (a repeated term counts twice)."""
+        hashes = np.array([term_hash(t) for t in self.analyzer.terms(query)], dtype=np.int64)
+        df, where = self._df(hashes)
+        idf = self._idf(df).astype(np.float32)
+        k1, b = self.cfg.k1, self.cfg.b
+        all_rows, all_scores = [], []
+        for s, (p, pos) in enumerate(zip(self.postings, where)):
+            docs, contrib = [], []
+            for i in np.flatnonzero(pos >= 0).tolist():
+                lo, hi = int(p.indptr[pos[i]]), int(p.indptr[pos[i] + 1])
+                d, tf = np.asarray(p.docs[lo:hi]), np.asarray(p.tfs[lo:hi])
+                norm = k1 * ((1 - b) + b * np.asarray(p.doclen)[d] / self.avgdl)
+                docs.append(d)
+                contrib.append(idf[i] * tf / (norm + tf))
+            if not docs:
+                continue
+            d, c = np.concatenate(docs), np.concatenate(contrib)
+            if len(docs) > 1:  # sum the terms of each document: sort by document, add up runs
+                order = np.argsort(d, kind="stable")
+                d, c = d[order], c[order]
+                starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
+                d, c = d[starts], np.add.reduceat(c, starts)
+            live = ~self.dead[s][d]
+            all_rows.append(d[live].astype(np.int64) + self.offsets[s])
+            all_scores.append(c[live].astype(np.float32))
+        if not all_rows:
+            return LexicalScores(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+        return LexicalScores(np.concatenate(all_rows), np.concatenate(all_scores))
+
+    def match_many(self, queries: list[str | None]) -> list[LexicalScores | None]:
+        """match() of each query (None for None)."""
+        return [None if q is None else self.match(q) for q in queries]
+
+    @classmethod
+    def open(cls, cfg: LexicalConfig, folders: list[Path], offsets: np.ndarray,
+             dead: list[np.ndarray] | None = None) -> "LexicalIndex":
+        """The postings of each segment folder (their bm25/ subfolders), memory-mapped."""
+        return cls(cfg, [Postings.load(Path(f) / BM25_DIR) for f in folders], offsets, dead)
+
+    @classmethod
+    def from_texts(cls, cfg: LexicalConfig, texts: list[str]) -> "LexicalIndex":
+        """An in-memory index of one segment of texts (tests, the extractive answer's stand-alone use)."""
+        analyzer = Analyzer(cfg)
+        postings = Postings.build(analyzer.terms(t) for t in texts)
+        return cls(cfg, [postings], np.array([0, len(texts)], dtype=np.int64))

@@ -111,6 +111,11 @@ class IndexConfig(Section):
     hnsw_m: int = Field(32, ge=2, description="hnsw links per node: more = better recall, more memory.")
     ef_construction: int = Field(200, ge=1, description="hnsw build-time breadth: higher = better graph, slower build.")
     ef_search: int = Field(128, ge=1, description="hnsw search breadth: higher = better recall, slower search.")
+    compact_above: float | None = Field(0.2, ge=0.0, le=1.0, description=(
+        "Re-indexing merges the segments into one when dead rows (removed or changed chunks) plus rows "
+        "outside the base segment pass this fraction of all rows; null = only with trtrag index --compact."))
+    max_segments: int = Field(8, ge=1, description=(
+        "Re-indexing merges the segments into one when there would be more than this many."))
     threads: int | None = Field(None, ge=1, description=(
         "CPU threads of one faiss search, set once per searching thread; null = 1, fastest for the small "
         "batches of ask and serve. Raise it for large eval/bench batches on many cores."))

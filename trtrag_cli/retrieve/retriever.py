@@ -8,7 +8,7 @@ corpus. Stage 2 scores the union exactly: `dense` (cosine), `bm25`, `rrf` (recip
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,16 +46,19 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
-def fuse(mode: str, dense_rows: np.ndarray, lex_scores: np.ndarray | None, query_vec: np.ndarray,
-         vectors: np.ndarray, top_n: int, rrf_k: int, dense_weight: float) -> tuple[np.ndarray, np.ndarray]:
-    """Stage 2: order candidate rows by the mode's score; returns (rows, scores), best first."""
+def fuse(mode: str, dense_rows: np.ndarray, lex, query_vec: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray],
+         top_n: int, rrf_k: int, dense_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2: order candidate rows by the mode's score; returns (rows, scores), best first.
+
+    lex: the query's LexicalScores (None for dense); vectors_of: rows -> their vectors (the store's memory
+    maps), read only for the candidates.
+    """
     if mode == "dense":
         rows = dense_rows
-        return rows, vectors[rows] @ query_vec
-    lex_rows = top_indices(lex_scores, top_n)
-    lex_rows = lex_rows[lex_scores[lex_rows] > 0]
+        return rows, vectors_of(rows) @ query_vec
+    lex_rows, lex_scores = lex.top(top_n)
     if mode == "bm25":
-        return lex_rows, lex_scores[lex_rows]
+        return lex_rows, lex_scores
     cand = np.unique(np.concatenate([dense_rows, lex_rows]))
     if mode == "rrf":
         rank_d = {r: i for i, r in enumerate(dense_rows.tolist())}
@@ -63,8 +66,8 @@ def fuse(mode: str, dense_rows: np.ndarray, lex_scores: np.ndarray | None, query
         fused = np.array([(1.0 / (rrf_k + 1 + rank_d[r]) if r in rank_d else 0.0)
                           + (1.0 / (rrf_k + 1 + rank_l[r]) if r in rank_l else 0.0) for r in cand.tolist()])
     else:
-        dense = vectors[cand] @ query_vec
-        fused = dense_weight * _normalise(dense) + (1.0 - dense_weight) * _normalise(lex_scores[cand])
+        dense = vectors_of(cand) @ query_vec
+        fused = dense_weight * _normalise(dense) + (1.0 - dense_weight) * _normalise(lex.at(cand))
     order = np.argsort(-fused, kind="stable")
     return cand[order], fused[order]
 
@@ -81,29 +84,33 @@ def check_built_with(manifest: dict, encoder_name: str, recipe: Recipe) -> None:
 
 
 def open_stores(recipe: Recipe, gen: Path, manifest: dict):
-    """(chunk store, vector index, BM25 index) of an index generation, as the recipe searches them: faiss and
-    bm25s files of the generation, or (index.backend: milvus) the collection behind both searches."""
+    """(chunk store, dense search, BM25) of an index generation as the recipe searches them: the segments'
+    own files, or (index.backend: milvus) the collection behind both searches. Dense search and BM25 both
+    return global rows of the chunk store."""
     from trtrag_cli.index.bm25 import LexicalIndex
     from trtrag_cli.index.build import reindex_command
-    from trtrag_cli.index.chunks import ChunkStore
+    from trtrag_cli.index.generation import open_store
 
     built = (manifest.get("index") or {}).get("backend", "faiss")
     if built != recipe.index.backend:
         raise TrtragError(f"the index in {gen} was built with index.backend {built}, the recipe asks for "
                           f"{recipe.index.backend}", f"set index.backend: {built}, or re-index: "
                           f"{reindex_command(recipe)}")
-    store = ChunkStore.load(gen)
-    lexical = LexicalIndex.load(gen / "bm25", recipe.lexical)
-    if built == "milvus":
-        return store, *_open_milvus(recipe, manifest, store, lexical)
-    from trtrag_cli.index.vectors import VectorIndex
+    store = open_store(gen, manifest)
+    try:
+        lexical = LexicalIndex.open(recipe.lexical, [s.folder for s in store.segments], store.offsets, store.dead)
+        if built == "milvus":
+            return store, *_open_milvus(recipe, manifest, store, lexical)
+        from trtrag_cli.index.search import SegmentSearch
 
-    vindex = VectorIndex.load(gen / "vectors.faiss", recipe.index, manifest["encoder"]["dim"])
-    return store, vindex, lexical
+        return store, SegmentSearch(store, recipe.index), lexical
+    except BaseException:
+        store.close()
+        raise
 
 
 def _open_milvus(recipe: Recipe, manifest: dict, store, lexical):
-    """The collection, checked against the generation (chain and sync token), and its BM25 side."""
+    """The collection, checked against the generation (chain and sync token), as dense search and BM25."""
     from trtrag_cli.index.build import reindex_command
     from trtrag_cli.index.milvus import SYNC, MilvusIndex
 
@@ -119,33 +126,52 @@ def _open_milvus(recipe: Recipe, manifest: dict, store, lexical):
     except BaseException:
         milvus.close()
         raise
-    return milvus, MilvusLexical(milvus, lexical, store, recipe.retrieve.top_n)
+    return MilvusDense(milvus, store), MilvusLexical(milvus, lexical, store, recipe.retrieve.top_n)
+
+
+class MilvusDense:
+    """Milvus dense search returning the chunk store's global rows, as SegmentSearch does."""
+
+    def __init__(self, milvus, store):
+        self.milvus, self.store = milvus, store
+        self.placement = milvus.placement
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, global rows), -1 where Milvus returned fewer hits or an id the store does not hold."""
+        scores, ids = self.milvus.search(queries, k)
+        return scores, self.store.rows_of(ids.ravel()).reshape(ids.shape)
+
+    def close(self) -> None:
+        """Close the Milvus connection."""
+        self.milvus.close()
 
 
 class MilvusLexical:
-    """BM25 recall done in Milvus, shaped as LexicalIndex.scores_many: one score per chunk row, 0 outside a
-    query's top_n hits (hybrid then scores a dense candidate past them as 0, where bm25s gives its small
-    score). The generation's bm25s index still supplies the analyser (the terms Milvus indexed) and the idf
-    the extractive answer weighs words by."""
+    """BM25 recall done in Milvus, shaped as LexicalIndex.match_many: a query's top_n hits with their
+    scores (hybrid then scores a dense candidate past them as 0, where our postings give its small score).
+    The generation's own postings still supply the analyser (the terms Milvus indexed) and the idf the
+    extractive answer weighs words by."""
 
     def __init__(self, milvus, local, store, top_n: int):
         self.milvus, self.local, self.store, self.top_n = milvus, local, store, top_n
         self.analyzer = local.analyzer
 
     def idf(self, term: str) -> float:
-        """bm25s's idf of an analysed term (the same corpus Milvus holds)."""
+        """The idf of an analysed term over the generation's postings (the corpus Milvus holds)."""
         return self.local.idf(term)
 
-    def scores_many(self, queries: list[str | None]) -> list[np.ndarray | None]:
-        """Per query (None for None): its Milvus BM25 scores spread over the chunk rows."""
+    def match_many(self, queries: list[str | None]):
+        """Per query (None for None): its Milvus BM25 hits as LexicalScores over global rows."""
+        from trtrag_cli.index.bm25 import LexicalScores
+
         asked = [i for i, q in enumerate(queries) if q is not None]
-        out: list[np.ndarray | None] = [None] * len(queries)
+        out: list = [None] * len(queries)
         hits = self.milvus.text_search([" ".join(self.analyzer.terms(queries[i])) for i in asked], self.top_n)
         for i, (ids, scores) in zip(asked, hits):
-            row_scores = np.zeros(len(self.store), dtype=np.float32)
             rows = self.store.rows_of(ids)
-            row_scores[rows[rows >= 0]] = scores[rows >= 0]
-            out[i] = row_scores
+            keep = rows >= 0
+            order = np.argsort(rows[keep], kind="stable")
+            out[i] = LexicalScores(rows[keep][order], np.asarray(scores, dtype=np.float32)[keep][order])
         return out
 
 
@@ -191,6 +217,9 @@ class Retriever:
         closer = getattr(getattr(self, "vindex", None), "close", None)
         if closer is not None:
             closer()
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()
         self._lease.release()
 
     def encode(self, questions: list[str]) -> np.ndarray:
@@ -225,19 +254,18 @@ class Retriever:
         t0 = time.perf_counter()
         dense_at = [i for i, m in enumerate(modes) if m != "bm25"]  # bm25 alone needs no query vector
         if query_vecs is None:
-            query_vecs = np.zeros((n, self.store.vectors.shape[1]), dtype=np.float32)
+            query_vecs = np.zeros((n, self.store.dim), dtype=np.float32)
             if dense_at:
                 query_vecs[dense_at] = self.encode([questions[i] for i in dense_at])
         t1 = time.perf_counter()
         dense_rows = [np.zeros(0, dtype=np.int64)] * n
         if dense_at:
-            _, ids = self.vindex.search(query_vecs[dense_at], cfg.top_n)
-            for i, found in zip(dense_at, ids):
-                rows = self.store.rows_of(found)
+            _, found = self.vindex.search(query_vecs[dense_at], cfg.top_n)
+            for i, rows in zip(dense_at, found):
                 dense_rows[i] = rows[rows >= 0]
-        lex = self.lexical.scores_many([q if m != "dense" else None for q, m in zip(questions, modes)])
+        lex = self.lexical.match_many([q if m != "dense" else None for q, m in zip(questions, modes)])
         t2 = time.perf_counter()
-        fused = [fuse(m, dense_rows[i], lex[i], query_vecs[i], self.store.vectors, cfg.top_n, cfg.rrf_k,
+        fused = [fuse(m, dense_rows[i], lex[i], query_vecs[i], self.store.vectors_of, cfg.top_n, cfg.rrf_k,
                       cfg.dense_weight) for i, m in enumerate(modes)]
         t3 = time.perf_counter()
         timings = {"encode": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "rerank": (t3 - t2) * 1e3}

@@ -47,13 +47,13 @@ def make_app(service, api_key: str | None = None, cfg=None) -> Limits:
     cfg = cfg or service.recipe.serve
 
     def on_index(pipe) -> None:
-        metrics.index_chunks.set(len(pipe.retriever.store.records))
+        metrics.index_chunks.set(len(pipe.retriever.store))
         if service.loaded:
             metrics.index_swaps.inc()
 
     service.index_listeners.append(on_index)
     if service.loaded and service.generation is not None:
-        metrics.index_chunks.set(len(service.pipeline().retriever.store.records))
+        metrics.index_chunks.set(len(service.pipeline().retriever.store))
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -23,6 +23,8 @@ from trtrag_cli.util.files import atomic_write_text
 GRACE_S = 60.0   # a superseded generation stays at least this long after CURRENT moved on
 LEASE = ".lease"  # readers hold a shared flock on it; pruning needs an exclusive one
 SUPERSEDED = ".superseded"  # its mtime says when CURRENT moved on from this generation
+SEGMENTS_DIR = "segments"  # index/segments/: the segments generations share (index/generation.py)
+SEGMENT_LIST = "SEGMENTS"  # in a generation folder: the names of the segments it reads, one per line
 
 
 class Lease:
@@ -118,6 +120,9 @@ class Workspace:
         for old in self.index_root.iterdir():
             if old.is_dir() and old.name.startswith((".tmp-gen-", ".trash-")):
                 shutil.rmtree(old, ignore_errors=True)
+            elif old.is_dir() and old.name == SEGMENTS_DIR:
+                for seg in old.glob(".tmp-seg-*"):  # a killed writer's half-written segment
+                    shutil.rmtree(seg, ignore_errors=True)
             elif old.is_file() and old.name.startswith(".CURRENT.") and old.name.endswith(".tmp"):
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
@@ -150,6 +155,25 @@ class Workspace:
             os.rename(old, trash)  # a reader waiting for the lock sees the folder gone and reads CURRENT again
             fh.close()
             shutil.rmtree(trash, ignore_errors=True)
+        self._collect_segments()
+
+    def _collect_segments(self) -> None:
+        """Delete segments that no generation on disk lists (superseded by compaction, or written by a run
+        killed before it published). Runs under the writer lock, after pruning."""
+        folder = self.index_root / SEGMENTS_DIR
+        if not folder.is_dir():
+            return
+        used: set[str] = set()
+        for gen in self.index_root.glob("gen-*"):
+            try:
+                used.update((gen / SEGMENT_LIST).read_text(encoding="utf-8").split())
+            except OSError:
+                continue  # an older layout: it reads no segments
+        for seg in folder.iterdir():
+            if seg.is_dir() and seg.name not in used:
+                trash = folder / f".tmp-seg-gone-{seg.name}"  # the .tmp-seg- prefix: a kill mid-delete is cleaned
+                os.rename(seg, trash)
+                shutil.rmtree(trash, ignore_errors=True)
 
     @contextlib.contextmanager
     def new_generation(self) -> Iterator[Path]:
