@@ -30,6 +30,7 @@ from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.gpu import gpu_count, torch_gpu_count
 
 IVF_KINDS = ("ivf", "ivfpq")
+TRAIN_PER_LIST = 64  # k-means samples per ivf cluster (faiss: 256). 1M vectors, nlist 4000: 256k, not 1M, points
 BUILD_FIELDS = ("kind", "nlist", "pq_m", "pq_bits", "hnsw_m", "ef_construction")  # the rest apply at search time
 
 
@@ -138,7 +139,10 @@ class VectorIndex:
         if self.cfg.kind in IVF_KINDS:
             # faiss wants ~39 training points per list; shrink nlist on small corpora rather than fail.
             nlist = max(1, min(self.cfg.nlist or default_nlist(n_train), n_train // 39))
-            return faiss.index_factory(self.dim, self._factory().format(nlist=nlist), metric)
+            index = faiss.index_factory(self.dim, self._factory().format(nlist=nlist), metric)
+            # k-means cost grows with its sample; past ~64 points a cluster the centroids barely move.
+            faiss.extract_index_ivf(index).cp.max_points_per_centroid = TRAIN_PER_LIST
+            return index
         hnsw = faiss.IndexHNSWFlat(self.dim, self.cfg.hnsw_m, metric)
         hnsw.hnsw.efConstruction = self.cfg.ef_construction
         return faiss.IndexIDMap2(hnsw)
