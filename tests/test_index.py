@@ -203,7 +203,8 @@ def test_bm25_stems_and_round_trips(tmp_path):
     back = LexicalIndex.open(LexicalConfig(), [tmp_path], np.array([0, 4]))
     np.testing.assert_allclose(back.match("turbine inspections").scores, m.scores)
     assert not len(back.match("the and of").rows)
-    assert isinstance(back.postings[0].docs, np.memmap)  # read from disk, not loaded
+    assert isinstance(back.postings[0].terms, np.memmap)  # read from disk, not loaded
+    np.testing.assert_array_equal(np.asarray(back.postings[0].docs), lex.postings[0].docs)
 
 
 def test_fusion_modes():

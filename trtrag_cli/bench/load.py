@@ -13,6 +13,7 @@ and blocking calls keep each latency honest (an event loop would add its own sch
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -25,13 +26,35 @@ SCHEMA = "trtrag.bench.load/1"
 ROUTES = {"ask": "/v1/ask", "retrieve": "/v1/retrieve", "chat": "/v1/chat/completions"}
 
 
-def request_body(route: str, question: str, model: str) -> dict:
-    """The JSON a route takes for one question."""
+def request_body(route: str, question: str, model: str, stream: bool = False) -> dict:
+    """The JSON a route takes for one question (stream: chat's answer as server-sent events)."""
     if route == "ask":
         return {"question": question}
     if route == "retrieve":
         return {"query": question}
-    return {"model": model, "messages": [{"role": "user", "content": question}]}
+    return {"model": model, "messages": [{"role": "user", "content": question}], **({"stream": True} if stream else {})}
+
+
+def _has_content(data: str) -> bool:
+    """Whether one server-sent chat chunk carries answer text (not the role-only first chunk, nor [DONE])."""
+    try:
+        choices = json.loads(data).get("choices") or []
+    except ValueError:
+        return False
+    return any((c.get("delta") or {}).get("content") for c in choices)
+
+
+def _streamed(http, path: str, body: dict, t0: float) -> tuple[str | None, float | None]:
+    """POST a streamed chat request and read it to the end: (error or None, seconds to the first content)."""
+    first = None
+    with http.stream("POST", path, json=body) as reply:
+        if not reply.is_success:
+            reply.read()
+            return f"http {reply.status_code}", None
+        for line in reply.iter_lines():
+            if first is None and line.startswith("data:") and _has_content(line[5:]):
+                first = time.perf_counter() - t0
+    return None, first
 
 
 def parse_routes(text: str) -> tuple[str, ...]:
@@ -59,19 +82,23 @@ class _Results:
     def __init__(self, routes: tuple[str, ...]):
         self.lock = threading.Lock()
         self.latency = {r: [] for r in routes}
+        self.first = {r: [] for r in routes}
         self.errors = {r: {} for r in routes}
 
-    def add(self, route: str, seconds: float, error: str | None) -> None:
+    def add(self, route: str, seconds: float, error: str | None, first: float | None = None) -> None:
         with self.lock:
             if error is None:
                 self.latency[route].append(seconds)
+                if first is not None:
+                    self.first[route].append(first)
             else:
                 self.errors[route][error] = self.errors[route].get(error, 0) + 1
 
 
 def _phase(base_url: str, routes: tuple[str, ...], clients: int, duration_s: float, questions: list[str],
-           headers: dict, timeout_s: float, model: str) -> dict:
-    """`clients` closed-loop clients for duration_s: per route, answered requests/s, latency, errors."""
+           headers: dict, timeout_s: float, model: str, stream: bool = False) -> dict:
+    """`clients` closed-loop clients for duration_s: per route, answered requests/s, latency, errors, and
+    (stream) the time to the first streamed content of chat answers."""
     httpx = deps.require("httpx", "the load benchmark")
     results = _Results(routes)
     start = time.perf_counter()
@@ -83,14 +110,18 @@ def _phase(base_url: str, routes: tuple[str, ...], clients: int, duration_s: flo
             while time.perf_counter() < end:
                 i = next(turn)
                 route = routes[i % len(routes)]
-                body = request_body(route, questions[i % len(questions)], model)
-                t = time.perf_counter()
+                streamed = stream and route == "chat"
+                body = request_body(route, questions[i % len(questions)], model, streamed)
+                t, first = time.perf_counter(), None
                 try:
-                    reply = http.post(ROUTES[route], json=body)
-                    error = None if reply.is_success else f"http {reply.status_code}"
+                    if streamed:
+                        error, first = _streamed(http, ROUTES[route], body, t)
+                    else:
+                        reply = http.post(ROUTES[route], json=body)
+                        error = None if reply.is_success else f"http {reply.status_code}"
                 except httpx.HTTPError as exc:
                     error = _error_kind(exc)
-                results.add(route, time.perf_counter() - t, error)
+                results.add(route, time.perf_counter() - t, error, first)
 
     threads = [threading.Thread(target=client, args=(c,), name=f"load-{c}", daemon=True) for c in range(clients)]
     for th in threads:
@@ -104,6 +135,8 @@ def _phase(base_url: str, routes: tuple[str, ...], clients: int, duration_s: flo
         per_route[route] = {"requests": len(done) + sum(results.errors[route].values()), "ok": len(done),
                             "qps": round(len(done) / wall, 2),
                             "latency": ms_percentiles(done) if done else None, "errors": results.errors[route]}
+        if results.first[route]:
+            per_route[route]["first_content"] = ms_percentiles(results.first[route])
     ok = sum(r["ok"] for r in per_route.values())
     return {"clients": clients, "seconds": round(wall, 2), "ok": ok,
             "requests": sum(r["requests"] for r in per_route.values()), "qps": round(ok / wall, 2),
@@ -126,7 +159,7 @@ def _ratio(load: dict, base: dict) -> dict:
 
 def run_load(url: str, routes: tuple[str, ...], clients: int, duration_s: float, questions: list[str],
              api_key: str | None = None, baseline_s: float = 15.0, timeout_s: float = 120.0,
-             model: str = "", log: Callable[[str], None] = lambda m: None) -> dict:
+             model: str = "", log: Callable[[str], None] = lambda m: None, stream: bool = False) -> dict:
     """Everything `trtrag bench --serve` reports, as plain data (see module docstring)."""
     httpx = deps.require("httpx", "the load benchmark")
     if not questions:
@@ -150,10 +183,10 @@ def run_load(url: str, routes: tuple[str, ...], clients: int, duration_s: float,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timeout_s": timeout_s}
     if baseline_s > 0:
         log(f"baseline: 1 client for {baseline_s:g} s")
-        report["baseline"] = _phase(base_url, routes, 1, baseline_s, questions, headers, timeout_s, model)
+        report["baseline"] = _phase(base_url, routes, 1, baseline_s, questions, headers, timeout_s, model, stream)
         log(_line(report["baseline"]))
     log(f"load: {clients} clients for {duration_s:g} s")
-    report["load"] = _phase(base_url, routes, clients, duration_s, questions, headers, timeout_s, model)
+    report["load"] = _phase(base_url, routes, clients, duration_s, questions, headers, timeout_s, model, stream)
     log(_line(report["load"]))
     if "baseline" in report:
         report["ratio"] = _ratio(report["load"], report["baseline"])
@@ -165,6 +198,9 @@ def _line(phase: dict) -> str:
     for route, r in phase["routes"].items():
         lat = r["latency"]
         errors = sum(r["errors"].values())
+        first = r.get("first_content")
         parts.append(f"{route} {r['qps']:.1f} q/s" + (f", P50 {lat['p50_ms']:.1f} ms P99 {lat['p99_ms']:.1f} ms"
-                                                      if lat else "") + (f", {errors} errors" if errors else ""))
+                                                      if lat else "")
+                     + (f", first content P50 {first['p50_ms']:.1f} ms P99 {first['p99_ms']:.1f} ms" if first else "")
+                     + (f", {errors} errors" if errors else ""))
     return f"{phase['clients']} client(s): " + "; ".join(parts)

@@ -51,6 +51,8 @@ def bench(vectors: int = typer.Option(0, "--vectors", "-n", help="Synthetic clus
           route: str = typer.Option("ask", "--route", help="--serve: ask, retrieve or chat (several: ask,retrieve)."),
           api_key: Optional[str] = typer.Option(None, "--api-key", help="--serve: sent as Authorization: Bearer."),
           timeout: float = typer.Option(120.0, "--timeout", help="--serve: seconds one request may take."),
+          stream: bool = typer.Option(False, "--stream", help="--serve --route chat: stream the answers and "
+                                      "report the time to their first content."),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON report to this file."),
           recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOpt,
           as_json: bool = JsonOpt) -> None:
@@ -61,7 +63,8 @@ def bench(vectors: int = typer.Option(0, "--vectors", "-n", help="Synthetic clus
     from trtrag_cli.util.files import write_json
 
     if serve is not None and from_json is None:
-        report = _load_bench(serve, route, clients, duration, baseline_s, api_key, timeout, queries, recipe, set_)
+        report = _load_bench(serve, route, clients, duration, baseline_s, api_key, timeout, queries, recipe, set_,
+                             stream)
         if out is not None:
             write_json(out, report)
         if as_json:
@@ -111,7 +114,8 @@ def bench(vectors: int = typer.Option(0, "--vectors", "-n", help="Synthetic clus
     print_report(report)
 
 
-def _load_bench(url, route, clients, duration, baseline_s, api_key, timeout, queries, recipe, set_) -> dict:
+def _load_bench(url, route, clients, duration, baseline_s, api_key, timeout, queries, recipe, set_,
+                stream: bool = False) -> dict:
     """Parse the --serve options, pick the questions, run bench.load."""
     from trtrag_cli.bench.load import parse_routes, run_load
     from trtrag_cli.calibrate.run import read_queries
@@ -134,7 +138,7 @@ def _load_bench(url, route, clients, duration, baseline_s, api_key, timeout, que
             "What is the warranty period?", "How do I reset the sensor?", "Which models support LoRaWAN?"]
     err = console(stderr=True)
     return run_load(url, routes, clients, duration, questions, api_key=api_key, baseline_s=baseline_s,
-                    timeout_s=timeout, log=lambda m: err.print(m, markup=False, style="dim"))
+                    timeout_s=timeout, log=lambda m: err.print(m, markup=False, style="dim"), stream=stream)
 
 
 def print_load(report: dict) -> None:
@@ -156,6 +160,12 @@ def print_load(report: dict) -> None:
                           *(f"{lat[k]:.1f}" if lat else "-" for k in ("p50_ms", "p90_ms", "p99_ms")), Text(errors))
     out = console()
     out.print(table)
+    for phase in ("baseline", "load"):
+        for name, r in (report.get(phase) or {}).get("routes", {}).items():
+            if r.get("first_content"):
+                f = r["first_content"]
+                out.print(f"{phase} {name}: first streamed content P50 {f['p50_ms']:.1f} ms, P90 {f['p90_ms']:.1f} ms, "
+                          f"P99 {f['p99_ms']:.1f} ms", markup=False)
     for name, ratio in (report.get("ratio") or {}).items():
         if ratio:
             out.print(f"{name}: {report['load']['clients']} clients / 1 client: {ratio['qps']}x q/s, "

@@ -14,6 +14,7 @@ by about that much, and `trtrag index --compact` makes them exact again.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ class Analyzer:
     def __init__(self, cfg: LexicalConfig):
         self.stopwords: frozenset[str] = frozenset()
         if cfg.stopwords:
+            # bm25s imports jax when it is installed (for a top-k we do not use), and jax claims 75% of the
+            # GPU when it starts (seen: 58 GB of an H100, beside a 13B generator that then ran out of memory).
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
             stop = require("bm25s", "BM25 stop words").stopwords
             table = {"en": "STOPWORDS_EN", "english": "STOPWORDS_EN"}
             name = table.get(cfg.stopwords, f"STOPWORDS_{cfg.stopwords.upper()}")
@@ -71,6 +75,40 @@ class Analyzer:
 def term_hash(term: str) -> int:
     """The int64 key a term is stored under (64-bit hashes: a collision is not expected below ~10^9 terms)."""
     return int.from_bytes(hashlib.blake2b(term.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+class FileArray:
+    """A 1-d array in a .npy file whose slices are read with pread: a query reads the postings of its few
+    terms, and reading them through a memory map would map the neighbouring pages too (the serving
+    process grows by what the page cache holds). np.asarray() gives the whole array, memory-mapped."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        whole = np.load(self.path, mmap_mode="r")
+        if whole.ndim != 1:
+            raise ValueError(f"{self.path.name} is not one-dimensional")
+        self.dtype, self.offset, self.size = whole.dtype, whole.offset, len(whole)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        lo, hi, _ = part.indices(self.size)
+        n = max(0, hi - lo)
+        data = os.pread(self._fd, n * self.dtype.itemsize, self.offset + lo * self.dtype.itemsize)
+        if len(data) != n * self.dtype.itemsize:
+            raise TrtragError(f"{self.path} ends early", "rebuild it: trtrag index <corpus> --rebuild")
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = np.load(self.path, mmap_mode="r")
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Postings:
@@ -151,7 +189,8 @@ class Postings:
     def load(cls, folder: Path) -> "Postings":
         """Memory-map a saved segment's postings."""
         try:
-            arrays = [np.load(folder / f"{name}.npy", mmap_mode="r") for name in _FILES]
+            arrays = [FileArray(folder / f"{name}.npy") if name in ("docs", "tfs")
+                      else np.load(folder / f"{name}.npy", mmap_mode="r") for name in _FILES]
         except (OSError, ValueError, EOFError) as exc:
             raise TrtragError(f"cannot read BM25 postings '{folder}': {exc}",
                               "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)") from None

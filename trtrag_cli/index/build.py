@@ -159,6 +159,35 @@ def _wants_compaction(recipe: Recipe, segments: list[tuple[str, int, np.ndarray]
     return None
 
 
+def publish_generation(ws: Workspace, recipe: Recipe, encoder, backend: str, segments: list, counts: dict,
+                       files: dict, milvus: dict | None = None) -> Path:
+    """Write the manifest, dead rows and segment list of a new generation over `segments` ((name, rows, dead
+    mask), base first) and make it the live one; returns its folder."""
+    from trtrag_cli.index.chunks import segment_meta
+    from trtrag_cli.index.generation import write_generation_files
+    from trtrag_cli.util.workspace import SEGMENTS_DIR
+
+    base_meta = segment_meta(ws.index_root / SEGMENTS_DIR / segments[0][0])
+    manifest = {
+        "layout": LAYOUT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name,
+        # backend and precision let later commands follow this index (follow_index).
+        "encoder": {"name": encoder.name, "dim": encoder.dim, "model": recipe.encoder.model, "backend": backend,
+                    "precision": recipe.encoder.precision, "max_tokens": encoder.max_tokens},
+        "chunking": recipe.chunking.model_dump(),
+        # nlist_built: the clusters of the base segment's ivf/ivfpq index (index.nlist null: ~4 sqrt(chunks)).
+        "index": {**recipe.index.model_dump(), "nlist_built": base_meta.get("nlist_built")},
+        "lexical": recipe.lexical.model_dump(),
+        "versions": library_versions(), "counts": counts, "files": files,
+    }
+    if milvus is not None:
+        manifest["milvus"] = milvus
+    with ws.new_generation() as gen:
+        manifest["segments"] = write_generation_files(gen, segments)
+        (gen / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        write_json(gen / MANIFEST, manifest)
+    return ws.current_index()
+
+
 def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = None, rebuild: bool = False,
               compact: bool = False) -> dict:
     """Index the given corpus paths into the recipe's workspace and return a report.
@@ -170,7 +199,7 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
     from trtrag_cli.corpus.loaders import scan
     from trtrag_cli.index.bm25 import Analyzer
     from trtrag_cli.index.checkpoint import EmbedCheckpoint
-    from trtrag_cli.index.generation import write_generation_files, write_segment
+    from trtrag_cli.index.generation import write_segment
     from trtrag_cli.index.ingest import chunk_files, embed
 
     ws = Workspace(recipe.workspace_dir())
@@ -280,27 +309,7 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
                   "chunks_embedded": embedded, "chunks_resumed": resumed, "chunks_with_embeddings": len(given),
                   "chunks_dropped": len(gone), "segments": len(segments),
                   "dead_rows": sum(int(m.sum()) for _, _, m in segments)}
-        from trtrag_cli.index.chunks import Segment
-        from trtrag_cli.util.workspace import SEGMENTS_DIR
-
-        base_meta = Segment(ws.index_root / SEGMENTS_DIR / segments[0][0]).meta
-        manifest = {
-            "layout": LAYOUT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "recipe": recipe.name,
-            # backend and precision let later commands follow this index (follow_index).
-            "encoder": {"name": encoder.name, "dim": dim, "model": recipe.encoder.model, "backend": choice.backend,
-                        "precision": recipe.encoder.precision, "max_tokens": encoder.max_tokens},
-            "chunking": recipe.chunking.model_dump(),
-            # nlist_built: the clusters of the base segment's ivf/ivfpq index (index.nlist null: ~4 sqrt(chunks)).
-            "index": {**recipe.index.model_dump(), "nlist_built": base_meta.get("nlist_built")},
-            "lexical": recipe.lexical.model_dump(),
-            "versions": library_versions(), "counts": counts, "files": files,
-        }
-        if milvus is not None:
-            manifest["milvus"] = milvus
-        with ws.new_generation() as gen:
-            manifest["segments"] = write_generation_files(gen, segments)
-            (gen / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-            write_json(gen / MANIFEST, manifest)
+        publish_generation(ws, recipe, encoder, choice.backend, segments, counts, files, milvus)
         checkpoint.clear()
         if reuse is not None:
             reuse.close()

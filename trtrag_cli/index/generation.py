@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from trtrag_cli.index.chunks import (CHUNKS_DB, IDS, ORDER, REBUILD_HINT, SEGMENT_META, VECTORS, ChunkRecord,
-                                     ChunkStore, Segment, damaged, finish_segment, int_id, write_records)
+                                     ChunkStore, Segment, damaged, finish_segment, int_id, segment_meta,
+                                     write_records)
 from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.files import read_json, write_json
 from trtrag_cli.util.workspace import SEGMENT_LIST, SEGMENTS_DIR
@@ -168,4 +169,4 @@ def write_segment(index_root: Path, records: list[ChunkRecord], vectors: np.ndar
             meta = {"nlist_built": vindex.nlist(), "kind": vindex.kind()}
         finish_segment(w.tmp, ids, vectors, meta)
         name = w.publish({})
-    return name, Segment(index_root / SEGMENTS_DIR / name).meta
+    return name, segment_meta(index_root / SEGMENTS_DIR / name)
