@@ -135,7 +135,8 @@ def main() -> None:
             args.out.write_text(json.dumps(report, indent=2))
     if "eager" in phases:
         log("eager transformers generate, one question at a time")
-        plain = load_recipe(None, ["serve.access_log=off", *args.sets])
+        plain = load_recipe(None, ["serve.access_log=off",
+                                   *(x for x in args.sets if not x.startswith("answer.generator."))])
         report["eager"] = eager(plain, model, tokenizer, questions[:args.eager], recipe.answer.sampling.max_new_tokens)
         log(json.dumps(report["eager"]))
     args.out.write_text(json.dumps(report, indent=2))
