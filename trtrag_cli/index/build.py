@@ -285,7 +285,7 @@ def run_index(recipe: Recipe, paths: list[Path], progress: Progress | None = Non
             raise TrtragError("the corpus produced no text to index", "check that the files are not empty")
         milvus = None
         if milvus_backend:
-            from trtrag_cli.index.milvus import sync_collection
+            from trtrag_cli.index.milvus_sync import sync_collection
 
             milvus = sync_collection(recipe, encoder.name, dim, prev, gone, new_records, new_vectors, segments,
                                      ws.index_root, analyzer, notes)
