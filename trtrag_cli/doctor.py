@@ -27,6 +27,8 @@ def resolve_stages(recipe: Recipe, gpu_list: list[dict]) -> dict[str, dict]:
     encoder_st, encoder = encoder_stage(recipe)
     if followed:
         encoder_st["why"] = f"{followed} (encoder.backend auto or encoder.precision unset)"
+    if encoder_st.get("answering"):  # a remote encoder: opening it asked this node for its dimension
+        encoder_st["why"] += f"; embedding node {encoder_st['answering']} answers"
     if conflict:  # ask stops here, before opening anything; the index stage need not say it again
         encoder_st.update(ok=False, problem=_line(conflict))
         if encoder is not None:
@@ -73,6 +75,8 @@ def encoder_stage(recipe: Recipe):
             stage["engine"].update(ok=False, status=f"engine not usable: {_line(exc)}")
         return stage, None
     stage.update(ok=True, name=encoder.name, dim=encoder.dim)
+    if choice.backend == "openai":  # opening asked a node for its dimension: it answers
+        stage.update(nodes=enc.base_urls(), answering=encoder.answering)
     return stage, encoder
 
 

