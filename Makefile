@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 # Each has its own install stamp: the demo needs only the `cpu` extra (and the CPU torch that exports the
-# encoder once); the tests add the `dev` extra (pytest, triton, sentence-transformers, matplotlib, ...).
+# encoder once); the tests add the `dev` extra (pytest, triton, sentence-transformers, matplotlib, ...)
+# and `rtx` (TensorRT-RTX, so CI builds a real TensorRT plan ahead of time on its CPU).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -22,7 +23,7 @@ $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	$(BIN)/pip install -q -e '.[cpu,dev,rtx]'
 	touch $@
 
 install: $(VENV)/.installed

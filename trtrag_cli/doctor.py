@@ -11,7 +11,8 @@ from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.gpu import gpus
 
 LIBRARIES = ("numpy", "onnxruntime", "onnx", "faiss-cpu", "faiss-gpu", "bm25s", "PyStemmer", "tokenizers",
-             "torch", "transformers", "triton", "sentence-transformers", "tensorrt", "tensorrt-llm",
+             "torch", "transformers", "triton", "sentence-transformers", "tensorrt", "tensorrt-rtx-cu13-bindings",
+             "tensorrt-llm",
              "nvidia-modelopt", "pymilvus", "milvus-lite", "typer", "rich", "pyyaml")
 
 
@@ -236,6 +237,13 @@ def generator_params(recipe: Recipe) -> float | None:
     return float(layers * (2 * h * h + 2 * h * kv + 3 * h * ffn) + 2 * c.get("vocab_size", 0) * h)
 
 
+def tensorrt_runtime() -> dict:
+    """Which TensorRT build-engine --backend tensorrt would build with (10/11 or RTX), its version and targets."""
+    from trtrag_cli.encode.trt_runtime import describe
+
+    return describe()
+
+
 def run_doctor(recipe: Recipe) -> dict:
     """Everything `trtrag doctor` reports, as plain data; `problems` holds one line for each stage that would
     make `ask` fail (the command exits non-zero when there is any)."""
@@ -249,6 +257,7 @@ def run_doctor(recipe: Recipe) -> dict:
         "recipe": recipe.source,
         "workspace": str(recipe.workspace_dir()),
         "stages": stages,
+        "tensorrt": tensorrt_runtime(),
         "problems": [f"{name}: {st.get('problem') or st['why']}" for name, st in stages.items() if not st["ok"]],
         "advice": hardware_advice(recipe, gpu_list, stages["index"].get("chunks")),
     }

@@ -40,6 +40,9 @@ def doctor(recipe: Optional[Path] = RecipeOpt, set_: Optional[List[str]] = SetOp
     for name, st in report["stages"].items():
         stages.add_row(Text(name), Text(st["backend"]), "yes" if st["ok"] else "MISSING", Text(st["why"]))
     out.print(stages)
+    trt = report["tensorrt"]
+    out.print("TensorRT plans: " + (f"{trt['runtime']} {trt['version']}, " if trt["runtime"] else "") + trt["why"],
+              markup=False)
     for line in report.get("advice", []):
         out.print(f"advice: {line}", markup=False, style="yellow")
     _fail_on_problems(report["problems"])

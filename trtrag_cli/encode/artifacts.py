@@ -137,7 +137,8 @@ def open_engine_encoder(recipe: Recipe, backend: str):
     if backend == "tensorrt":
         from trtrag_cli.encode import tensorrt as trt_encoder
 
-        return trt_encoder.open_engine(recipe, folder, manifest)
+        calibration = load_calibration(recipe)[1]["id"] if enc.precision == "int8" else None
+        return trt_encoder.open_engine(recipe, folder, manifest, calibration)
     check_ort_engine(recipe, manifest, folder)
     from trtrag_cli.encode.onnxruntime import RUN_TOKENS, OrtEncoder
 

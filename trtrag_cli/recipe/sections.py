@@ -7,6 +7,7 @@ a key of another backend is an unknown key, not a silently unused one.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -324,7 +325,28 @@ class EngineConfig(Section):
     opt_tokens: int = Field(64, ge=1, description="The sequence length TensorRT tunes for.")
     workspace_mb: int = Field(4096, ge=1, description="TensorRT builder scratch memory: more lets it try more tactics.")
     timing_cache: str | None = Field(None, description=(
-        "TensorRT timing cache file (rebuilds reuse measured tactics); null = <workspace>/_cache/tensorrt.timing."))
+        "TensorRT timing cache folder (rebuilds reuse measured tactics), one file per runtime version and "
+        "target GPU inside; null = <workspace>/_cache/tensorrt. TensorRT-RTX does not use it."))
+    trt_targets: list[str] | None = Field(None, min_length=1, description=(
+        "Compute capabilities the TensorRT plan is built for, e.g. [8.9] or [8.6, 8.9, 12.0]. TensorRT-RTX "
+        "builds for any it supports ahead of time, without a GPU (7.5, 8.0, 8.6, 8.9, 12.0, 12.1 in 1.7; "
+        "not 9.0); TensorRT 10/11 only for the GPU it runs on. null = this machine's GPU, else 8.9."))
+
+    @field_validator("trt_targets", mode="before")
+    @classmethod
+    def _targets_as_text(cls, value):
+        # YAML reads 8.9 as a number; a compute capability is a name, so numbers are spelt as written.
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @field_validator("trt_targets")
+    @classmethod
+    def _targets_shaped(cls, value):
+        for cc in value or ():
+            if not re.fullmatch(r"\d+\.\d", cc):
+                raise ValueError(f"engine.trt_targets: {cc!r} is not a compute capability like 8.9")
+        return value
 
     @model_validator(mode="after")
     def _profile_ordered(self):

@@ -24,6 +24,7 @@ KNOWN = {
     "sentence_transformers": ("sentence-transformers", "dev"),
     "openai": ("openai", "serve"),
     "tensorrt": ("tensorrt", "tensorrt"),
+    "tensorrt_rtx_bindings": ("tensorrt-rtx-cu13-bindings", "rtx"),
     "tensorrt_llm": ("tensorrt-llm", None),  # pins its own torch: its own environment, see HINTS
     "modelopt": ("nvidia-modelopt", "tensorrt"),
     "pymilvus": ("pymilvus", "milvus"),
