@@ -113,7 +113,9 @@ class Segment:
                 raise FileNotFoundError(f"No such file: {self.folder / CHUNKS_DB}")
         except (OSError, ValueError, TypeError, EOFError) as exc:  # EOFError: an empty .npy
             raise damaged(self.folder, str(exc)) from None
-        self.rows = int(self.meta.get("rows", -1))
+        if not isinstance(self.meta, dict) or not isinstance(self.meta.get("rows"), int):
+            raise damaged(self.folder, f"{SEGMENT_META} is not a segment's description")
+        self.rows = self.meta["rows"]
         if (self.vectors.ndim != 2 or self.vectors.dtype != np.float32 or self.ids.dtype != np.int64
                 or not (len(self.vectors) == len(self.ids) == len(self._order) == self.rows)):
             raise damaged(self.folder, f"{VECTORS}, {IDS} or {ORDER} do not match its {self.rows} rows")

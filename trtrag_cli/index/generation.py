@@ -68,7 +68,10 @@ def _fingerprint(path: Path) -> list:
 
 def verify_segment(seg: Segment) -> None:
     """Compare a segment's files with the fingerprints it was written with; raise `damaged` on a mismatch."""
-    for name, want in (seg.meta.get("files") or {}).items():
+    files = seg.meta.get("files") or {}
+    if not isinstance(files, dict):
+        raise damaged(seg.folder, "its segment.json lists no file fingerprints")
+    for name, want in files.items():
         path = seg.folder / name
         try:
             got = _fingerprint(path)

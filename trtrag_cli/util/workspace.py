@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -80,16 +81,32 @@ class Workspace:
 
     def current_index(self) -> Path | None:
         """The folder of the live index generation, or None when nothing was indexed."""
-        pointer = self.index_root / "CURRENT"
-        if not pointer.is_file():
+        name = self._pointer()
+        if not name:
             return None
-        gen = self.index_root / pointer.read_text().strip()
+        gen = self.index_root / name
         return gen if gen.is_dir() else None
+
+    def _pointer(self) -> str | None:
+        """The generation name CURRENT holds; "" when it is damaged (not one `gen-*` name, as a half-written
+        or garbled file, or one naming `..`, would be), None when there is no CURRENT."""
+        try:
+            name = (self.index_root / "CURRENT").read_bytes().decode("utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError):
+            return ""
+        return name if name.startswith("gen-") and "/" not in name and "\\" not in name else ""
 
     def require_index(self) -> Path:
         """The live index folder, or a user error telling how to build one."""
         gen = self.current_index()
         if gen is None:
+            name = self._pointer()
+            if name is not None:  # CURRENT is there but names nothing usable: say so, not "no index"
+                what = f"names '{name}', which is missing" if name else "is damaged"
+                raise TrtragError(f"the index in workspace '{self.root}' is damaged: index/CURRENT {what}",
+                                  "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)")
             raise TrtragError(f"no index in workspace '{self.root}'", "run: trtrag index <corpus folder>")
         return gen
 
@@ -165,10 +182,10 @@ class Workspace:
             return
         used: set[str] = set()
         for gen in self.index_root.glob("gen-*"):
-            try:
-                used.update((gen / SEGMENT_LIST).read_text(encoding="utf-8").split())
-            except OSError:
-                continue  # an older layout: it reads no segments
+            listed = _listed_segments(gen)
+            if listed is None:
+                return  # a generation we cannot read might still be leased: delete nothing this time
+            used.update(listed)
         for seg in folder.iterdir():
             if seg.is_dir() and seg.name not in used:
                 trash = folder / f".tmp-seg-gone-{seg.name}"  # the .tmp-seg- prefix: a kill mid-delete is cleaned
@@ -219,6 +236,30 @@ class Workspace:
         os.rename(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _listed_segments(gen: Path) -> set[str] | None:
+    """The segments a generation reads: those SEGMENTS and manifest.json name (both, so that one damaged
+    file cannot get a leased segment deleted); None when a file that is there cannot be read."""
+    names: set[str] = set()
+    try:
+        names.update((gen / SEGMENT_LIST).read_bytes().decode("utf-8").split())
+    except FileNotFoundError:
+        pass  # an older layout: it reads no segments
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        manifest = json.loads((gen / "manifest.json").read_bytes())
+    except FileNotFoundError:
+        return names
+    except (OSError, ValueError):
+        return None
+    entries = manifest.get("segments") if isinstance(manifest, dict) else None
+    if isinstance(entries, list):
+        names.update(e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str))
+    elif not isinstance(manifest, dict) or manifest.get("layout", 1) != 1:
+        return None  # a manifest of the wrong shape: we cannot tell what it reads
+    return names
 
 
 def _exchange(a: Path, b: Path) -> bool:
