@@ -237,3 +237,19 @@ def test_serve_binds_loopback_by_default_and_never_logs_the_key(indexed, tmp_pat
     assert len([line for line in logged.splitlines() if line.startswith("{")]) >= 4, logged
     assert all(json.loads(line)["status"] for line in logged.splitlines() if line.startswith("{"))
     assert key not in logged and key[:-1] not in logged and key not in out.decode()
+
+
+def test_a_damaged_encoder_export_cache_is_exported_again(cli, indexed, tmp_path, monkeypatch):
+    """The session's ONNX export cache, copied: a manifest.json of the wrong shape made ask raise
+    AttributeError; now the cache counts as stale and the encoder is exported again."""
+    import os
+
+    cache = tmp_path / "cache"
+    shutil.copytree(os.environ["TRTRAG_CACHE"], cache)
+    monkeypatch.setenv("TRTRAG_CACHE", str(cache))
+    manifests = list((cache / "encoders").rglob("onnx/*/manifest.json"))
+    assert manifests
+    for path in manifests:
+        path.write_text("[1,2,3]")
+    _, recipe, _ = _copy(indexed, tmp_path)
+    _answers(cli, recipe)

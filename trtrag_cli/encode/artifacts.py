@@ -76,7 +76,7 @@ def open_remote_encoder(recipe: Recipe, ws: Workspace | None = None):
         built = read_json(gen / INDEX_MANIFEST).get("encoder", {}) if gen is not None else {}
         if built.get("name") == name:
             dim = int(built["dim"])
-    except (TrtragError, OSError, KeyError, TypeError, ValueError):
+    except (TrtragError, OSError, KeyError, TypeError, ValueError, AttributeError):  # Attribute: not a dict
         dim = None  # no readable index: nothing to hold the node to; opening the index says what is wrong
     return open_remote(enc, dim, f"the index {gen.name} built under that name holds" if dim else "")
 

@@ -259,6 +259,8 @@ def _cache_is_valid(cache_dir: Path, info: ModelInfo, variant: str) -> bool:
         manifest = json.loads((cache_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        return False  # valid JSON of another shape: a damaged cache, exported again
     if any(manifest.get(key) != value for key, value in _wanted(info).items()):
         return False
     return (_file_matches(info.weights, manifest.get("weights"))
