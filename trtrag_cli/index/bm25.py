@@ -84,7 +84,7 @@ class FileArray:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        whole = np.load(self.path, mmap_mode="r")
+        whole = np.load(self.path, mmap_mode="r", allow_pickle=False)
         if whole.ndim != 1:
             raise ValueError(f"{self.path.name} is not one-dimensional")
         self.dtype, self.offset, self.size = whole.dtype, whole.offset, len(whole)
@@ -102,7 +102,7 @@ class FileArray:
         return np.frombuffer(data, dtype=self.dtype)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        whole = np.load(self.path, mmap_mode="r")
+        whole = np.load(self.path, mmap_mode="r", allow_pickle=False)
         return whole if dtype is None else whole.astype(dtype)
 
     def __del__(self) -> None:
@@ -190,7 +190,7 @@ class Postings:
         """Memory-map a saved segment's postings."""
         try:
             arrays = [FileArray(folder / f"{name}.npy") if name in ("docs", "tfs")
-                      else np.load(folder / f"{name}.npy", mmap_mode="r") for name in _FILES]
+                      else np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _FILES]
         except (OSError, ValueError, EOFError) as exc:
             raise TrtragError(f"cannot read BM25 postings '{folder}': {exc}",
                               "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)") from None

@@ -106,9 +106,9 @@ class Segment:
         self.name = self.folder.name
         try:
             self.meta = json.loads((self.folder / SEGMENT_META).read_text(encoding="utf-8"))
-            self.vectors = np.load(self.folder / VECTORS, mmap_mode="r")
-            self.ids = np.load(self.folder / IDS, mmap_mode="r")
-            self._order = np.load(self.folder / ORDER, mmap_mode="r")
+            self.vectors = np.load(self.folder / VECTORS, mmap_mode="r", allow_pickle=False)
+            self.ids = np.load(self.folder / IDS, mmap_mode="r", allow_pickle=False)
+            self._order = np.load(self.folder / ORDER, mmap_mode="r", allow_pickle=False)
             if not (self.folder / CHUNKS_DB).is_file():
                 raise FileNotFoundError(f"No such file: {self.folder / CHUNKS_DB}")
         except (OSError, ValueError, TypeError, EOFError) as exc:  # EOFError: an empty .npy

@@ -96,7 +96,7 @@ def open_store(gen: Path, manifest: dict, verify: bool = True) -> ChunkStore:
             path = gen / f"dead-{seg.name}.npy"
             if path.exists():
                 try:
-                    rows = np.load(path)
+                    rows = np.load(path, allow_pickle=False)
                 except (OSError, ValueError, EOFError) as exc:
                     raise damaged(gen, f"{path.name}: {exc}") from None
                 if rows.dtype != np.int64 or (len(rows) and (rows.min() < 0 or rows.max() >= seg.rows)):
