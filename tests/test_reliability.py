@@ -253,3 +253,30 @@ def test_a_damaged_encoder_export_cache_is_exported_again(cli, indexed, tmp_path
         path.write_text("[1,2,3]")
     _, recipe, _ = _copy(indexed, tmp_path)
     _answers(cli, recipe)
+
+
+def _edit_manifest(ws: Path) -> None:
+    import json
+
+    path = _gen(ws) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["segments"][0]["name"] = "../../../outside"
+    path.write_text(json.dumps(manifest))
+
+
+EDITS = {  # valid files with wrong contents
+    "order.npy of the wrong length": lambda ws: np.save(_seg(ws) / "order.npy", np.arange(3, dtype=np.int64)),
+    "float64 vectors.npy": lambda ws: np.save(_seg(ws) / "vectors.npy",
+                                              np.load(_seg(ws) / "vectors.npy").astype(np.float64)),
+    "manifest naming a segment outside": _edit_manifest,
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_valid_files_with_wrong_contents_are_one_line_errors(cli, indexed, tmp_path, edit):
+    corpus, recipe, ws = _copy(indexed, tmp_path)
+    EDITS[edit](ws)
+    line = _one_line_error(cli("ask", QUESTION, "--recipe", recipe, ok=None))
+    assert "damaged" in line
+    _follow_hint(cli, line, corpus, recipe)
+    _answers(cli, recipe)

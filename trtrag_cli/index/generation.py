@@ -52,6 +52,9 @@ def load_index_manifest(gen: Path) -> dict:
     segs = manifest.get("segments")
     if not isinstance(segs, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in segs):
         raise damaged(gen, f"{MANIFEST} lists no segments")
+    for s in segs:  # a name is one folder in index/segments/: never a path that leads elsewhere
+        if not s["name"].startswith("seg-") or "/" in s["name"] or "\\" in s["name"]:
+            raise damaged(gen, f"{MANIFEST} lists a segment named {s['name']!r}")
     return manifest
 
 
