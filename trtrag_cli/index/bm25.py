@@ -26,10 +26,12 @@ import numpy as np
 from trtrag_cli.recipe.schema import LexicalConfig
 from trtrag_cli.util.deps import require
 from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.workspace import REBUILD_HINT
 
 _WORD = re.compile(r"(?u)\b\w\w+\b")
 BM25_DIR = "bm25"
 _FILES = ("terms", "indptr", "docs", "tfs", "doclen")
+POSTINGS_FILES = tuple(f"{BM25_DIR}/{name}.npy" for name in _FILES)  # a segment's postings, relative to it
 
 
 class Analyzer:
@@ -98,7 +100,7 @@ class FileArray:
         n = max(0, hi - lo)
         data = os.pread(self._fd, n * self.dtype.itemsize, self.offset + lo * self.dtype.itemsize)
         if len(data) != n * self.dtype.itemsize:
-            raise TrtragError(f"{self.path} ends early", "rebuild it: trtrag index <corpus> --rebuild")
+            raise TrtragError(f"{self.path} ends early", REBUILD_HINT)
         return np.frombuffer(data, dtype=self.dtype)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -193,11 +195,11 @@ class Postings:
                       else np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in _FILES]
         except (OSError, ValueError, EOFError) as exc:
             raise TrtragError(f"cannot read BM25 postings '{folder}': {exc}",
-                              "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)") from None
+                              REBUILD_HINT) from None
         terms, indptr, docs, tfs, _ = arrays
         if len(indptr) != len(terms) + 1 or len(docs) != len(tfs) or (len(indptr) and indptr[-1] != len(docs)):
             raise TrtragError(f"BM25 postings '{folder}' are inconsistent",
-                              "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)")
+                              REBUILD_HINT)
         return cls(*arrays)
 
 

@@ -26,14 +26,14 @@ import numpy as np
 
 from trtrag_cli.util.errors import TrtragError
 from trtrag_cli.util.files import atomic_path
+from trtrag_cli.util.workspace import REBUILD_HINT
 
 CHUNKS_DB = "chunks.sqlite"
 VECTORS = "vectors.npy"
 IDS = "ids.npy"
 ORDER = "order.npy"
 SEGMENT_META = "segment.json"
-# `trtrag index` notices an unreadable previous generation and rebuilds; --rebuild forces it.
-REBUILD_HINT = "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)"
+FAISS_FILE = "vectors.faiss"  # a base segment's faiss index (ivf/ivfpq/hnsw; flat searches the vectors)
 _FIELDS = ("id", "source", "file", "ordinal", "title", "text", "hash")
 SCHEMA = ("CREATE TABLE chunks (row INTEGER PRIMARY KEY, id TEXT, source TEXT, file TEXT, ordinal INTEGER, "
           "title TEXT, text TEXT, hash TEXT)")  # row = local row + 1 (SQLite's rowid counts from 1)
@@ -167,15 +167,14 @@ class Segment:
         if n != self.rows:
             raise damaged(self.folder, f"{CHUNKS_DB} holds {n} rows, the segment {self.rows}")
 
-    def records(self, rows: Iterable[int]) -> list[ChunkRecord]:
-        """Records of local rows, in the order given."""
+    def select(self, fields: tuple[str, ...], rows: Iterable[int]) -> list[tuple]:
+        """The given fields of local rows, in the order given."""
         rows = [int(r) for r in rows]
-        found: dict[int, ChunkRecord] = {}
+        found: dict[int, tuple] = {}
         for at in range(0, len(rows), 500):  # SQLite limits the parameters of one statement
             part = rows[at:at + 500]
-            sql = f"SELECT row, {', '.join(_FIELDS)} FROM chunks WHERE row IN ({','.join('?' * len(part))})"
-            for row, *values in self._query(sql, [r + 1 for r in part]):
-                found[row - 1] = ChunkRecord(*values)
+            sql = f"SELECT row, {', '.join(fields)} FROM chunks WHERE row IN ({','.join('?' * len(part))})"
+            found.update((row - 1, tuple(values)) for row, *values in self._query(sql, [r + 1 for r in part]))
         missing = [r for r in rows if r not in found]
         if missing:
             raise damaged(self.folder, f"{CHUNKS_DB} has no row {missing[0]}")
@@ -205,16 +204,6 @@ class Segment:
             at += len(run)
         out[order] = got
         return out
-
-    def column(self, name: str, rows: Iterable[int]) -> list:
-        """One field of local rows, in the order given."""
-        rows = [int(r) for r in rows]
-        got: dict[int, object] = {}
-        for at in range(0, len(rows), 500):
-            part = rows[at:at + 500]
-            sql = f"SELECT row, {name} FROM chunks WHERE row IN ({','.join('?' * len(part))})"
-            got.update((row - 1, value) for row, value in self._query(sql, [r + 1 for r in part]))
-        return [got[r] for r in rows]
 
     def scan(self, fields: tuple[str, ...] = _FIELDS, batch: int = 10_000) -> Iterator[tuple[int, tuple]]:
         """(local row, field values) of every row in order, read a batch at a time."""
@@ -303,23 +292,22 @@ class ChunkStore:
             out[at] = self.segments[s].read_vectors(local)
         return out
 
+    def select(self, fields: tuple[str, ...], rows: Iterable[int]) -> list[tuple]:
+        """The given fields of global rows, in the order given."""
+        rows = np.fromiter((int(r) for r in rows), dtype=np.int64)
+        out: list = [None] * len(rows)
+        for s, at, local in self._split(rows):
+            for i, values in zip(at.tolist(), self.segments[s].select(fields, local.tolist())):
+                out[i] = values
+        return out
+
     def records_of(self, rows: Iterable[int]) -> list[ChunkRecord]:
         """Records of global rows, in the order given."""
-        rows = np.fromiter((int(r) for r in rows), dtype=np.int64)
-        out: list[ChunkRecord | None] = [None] * len(rows)
-        for s, at, local in self._split(rows):
-            for i, rec in zip(at.tolist(), self.segments[s].records(local.tolist())):
-                out[i] = rec
-        return out  # type: ignore[return-value]
+        return [ChunkRecord(*values) for values in self.select(_FIELDS, rows)]
 
     def sources_of(self, rows: Iterable[int]) -> list[str]:
         """The source (document) of each global row, in the order given."""
-        rows = np.fromiter((int(r) for r in rows), dtype=np.int64)
-        out: list[str] = [""] * len(rows)
-        for s, at, local in self._split(rows):
-            for i, src in zip(at.tolist(), self.segments[s].column("source", local.tolist())):
-                out[i] = src
-        return out
+        return [values[0] for values in self.select(("source",), rows)]
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Global rows of the live chunks with these int64 ids (-1 where none)."""

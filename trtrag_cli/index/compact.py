@@ -15,7 +15,7 @@ import numpy as np
 
 from trtrag_cli.index.bm25 import BM25_DIR, Postings
 from trtrag_cli.index.chunks import CHUNKS_DB, SCHEMA, VECTORS, Segment, finish_segment
-from trtrag_cli.index.generation import SegmentWriter
+from trtrag_cli.index.generation import SegmentWriter, write_faiss
 from trtrag_cli.util.workspace import SEGMENTS_DIR
 
 _BLOCK = 1 << 16
@@ -46,8 +46,6 @@ def _copy_records(db, parts: list[tuple[Segment, np.ndarray]]) -> None:
 def compact_segments(index_root, segments: list[tuple[str, int, np.ndarray]], index_cfg, faiss_base: bool,
                      progress=None) -> tuple[str, int, np.ndarray]:
     """Merge (segment name, rows, dead mask) in row order into a new segment; returns its entry, no row dead."""
-    from trtrag_cli.index.vectors import VectorIndex
-
     parts = [(Segment(index_root / SEGMENTS_DIR / name), dead) for name, _, dead in segments]
     live = sum(int((~dead).sum()) for _, dead in parts)
     dim = next((seg.dim for seg, _ in parts if seg.rows), 0)
@@ -69,12 +67,7 @@ def compact_segments(index_root, segments: list[tuple[str, int, np.ndarray]], in
             ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
             Postings.merge([(Postings.load(seg.folder / BM25_DIR), dead) for seg, dead in parts]).save(
                 w.tmp / BM25_DIR)
-            meta = {"nlist_built": None}
-            if faiss_base and live:
-                vindex = VectorIndex(index_cfg, dim)
-                vindex.build(np.asarray(vectors), ids)
-                vindex.save(w.tmp / "vectors.faiss")
-                meta = {"nlist_built": vindex.nlist(), "kind": vindex.kind()}
+            meta = write_faiss(w.tmp, vectors, ids, index_cfg) if faiss_base else {"nlist_built": None}
             del vectors
             finish_segment(w.tmp, ids, None, meta)
             name = w.publish({})

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trtrag_cli.index.chunks import (CHUNKS_DB, IDS, ORDER, REBUILD_HINT, SEGMENT_META, VECTORS, ChunkRecord,
+from trtrag_cli.index.bm25 import POSTINGS_FILES
+from trtrag_cli.index.chunks import (CHUNKS_DB, FAISS_FILE, IDS, ORDER, REBUILD_HINT, SEGMENT_META, VECTORS, ChunkRecord,
                                      ChunkStore, Segment, damaged, finish_segment, int_id, segment_meta,
                                      write_records)
 from trtrag_cli.util.errors import TrtragError
@@ -27,8 +28,7 @@ from trtrag_cli.util.workspace import SEGMENT_LIST, SEGMENTS_DIR
 
 MANIFEST = "manifest.json"
 LAYOUT = 2  # 2: segments + tombstones; 1 (single chunks.jsonl + vectors.npy) is rebuilt, not read
-_FINGERPRINTED = (CHUNKS_DB, VECTORS, IDS, ORDER, "vectors.faiss", "bm25/terms.npy", "bm25/indptr.npy",
-                  "bm25/docs.npy", "bm25/tfs.npy", "bm25/doclen.npy")
+_FINGERPRINTED = (CHUNKS_DB, VECTORS, IDS, ORDER, FAISS_FILE, *POSTINGS_FILES)
 
 
 def load_index_manifest(gen: Path) -> dict:
@@ -154,25 +154,31 @@ class SegmentWriter:
         return name
 
 
+def write_faiss(folder: Path, vectors: np.ndarray, ids: np.ndarray, index_cfg) -> dict:
+    """The recipe's faiss index (ivf/ivfpq/hnsw) over a base segment's vectors, saved in its folder;
+    returns what segment.json records of it (nothing to build for no vectors)."""
+    from trtrag_cli.index.vectors import VectorIndex
+
+    if not len(ids):
+        return {"nlist_built": None}
+    vindex = VectorIndex(index_cfg, vectors.shape[1])
+    vindex.build(np.asarray(vectors), ids)
+    vindex.save(folder / FAISS_FILE)
+    return {"nlist_built": vindex.nlist(), "kind": vindex.kind()}
+
+
 def write_segment(index_root: Path, records: list[ChunkRecord], vectors: np.ndarray, analyzer, index_cfg,
                   faiss_base: bool, texts=None) -> tuple[str, dict]:
     """Write records (row order), their vectors and BM25 postings as a new segment; faiss_base: also the
     recipe's faiss index (ivf/ivfpq/hnsw) over them. Returns (name, segment meta)."""
     from trtrag_cli.corpus.chunking import index_text
     from trtrag_cli.index.bm25 import BM25_DIR, Postings
-    from trtrag_cli.index.vectors import VectorIndex
-
     ids = np.array([int_id(r.id) for r in records], dtype=np.int64)
     with SegmentWriter(index_root) as w:
         write_records(w.tmp / CHUNKS_DB, records)
         texts = texts if texts is not None else (index_text(r.title, r.text) for r in records)
         Postings.build(analyzer.terms(t) for t in texts).save(w.tmp / BM25_DIR)
-        meta = {"nlist_built": None}
-        if faiss_base and len(records):
-            vindex = VectorIndex(index_cfg, vectors.shape[1])
-            vindex.build(vectors, ids)
-            vindex.save(w.tmp / "vectors.faiss")
-            meta = {"nlist_built": vindex.nlist(), "kind": vindex.kind()}
+        meta = write_faiss(w.tmp, vectors, ids, index_cfg) if faiss_base else {"nlist_built": None}
         finish_segment(w.tmp, ids, vectors, meta)
         name = w.publish({})
     return name, segment_meta(index_root / SEGMENTS_DIR / name)

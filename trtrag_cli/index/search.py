@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from trtrag_cli.index.chunks import ChunkStore, Segment
+from trtrag_cli.index.chunks import FAISS_FILE, ChunkStore, Segment
 from trtrag_cli.index.vectors import VectorIndex, placement_for
 from trtrag_cli.recipe.schema import IndexConfig
 from trtrag_cli.util.errors import TrtragError
 
-FAISS_FILE = "vectors.faiss"
 _BLOCK = 1 << 16  # rows scored per matrix product in exact search: bounded memory at any size
 
 
@@ -56,15 +55,15 @@ class SegmentSearch:
     def __init__(self, store: ChunkStore, cfg: IndexConfig, device: bool = True):
         self.store, self.cfg = store, cfg
         self._parts: list[tuple[object, bool, int]] = []  # (searcher, returns ids, extra depth for dead rows)
+        wants_gpu = bool(store.segments) and device and self._gpu_placement()  # one answer for every segment
         for s, seg in enumerate(store.segments):
-            self._parts.append(self._open(seg, store.dead[s], device))
+            self._parts.append(self._open(seg, store.dead[s], wants_gpu))
         self.placement = getattr(self._parts[0][0], "placement", "cpu") if self._parts else "cpu: empty"
         base = self._parts[0][0] if self._parts else None
         self.choice = getattr(base, "choice", {})
 
-    def _open(self, seg: Segment, dead: np.ndarray, device: bool):
+    def _open(self, seg: Segment, dead: np.ndarray, wants_gpu: bool):
         faiss_file = seg.folder / FAISS_FILE
-        wants_gpu = device and self._gpu_placement()
         if faiss_file.is_file():
             vindex = VectorIndex.load(faiss_file, self.cfg, seg.dim, device=False)
             extra = 0

@@ -27,6 +27,7 @@ import numpy as np
 from trtrag_cli.recipe.schema import IndexConfig
 from trtrag_cli.util.deps import require
 from trtrag_cli.util.errors import TrtragError
+from trtrag_cli.util.workspace import REBUILD_HINT
 from trtrag_cli.util.gpu import gpu_count, torch_gpu_count
 
 IVF_KINDS = ("ivf", "ivfpq")
@@ -373,10 +374,10 @@ class VectorIndex:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
             raise TrtragError(f"cannot read vector index '{path}': {str(exc).splitlines()[0]}",
-                              "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)") from None
+                              REBUILD_HINT) from None
         if index.d != dim:
             raise TrtragError(f"vector index '{path}' has dimension {index.d}, expected {dim}",
-                              "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)")
+                              REBUILD_HINT)
         out = cls(cfg, dim, index)
         out._tune()
         if device:

@@ -26,6 +26,8 @@ LEASE = ".lease"  # readers hold a shared flock on it; pruning needs an exclusiv
 SUPERSEDED = ".superseded"  # its mtime says when CURRENT moved on from this generation
 SEGMENTS_DIR = "segments"  # index/segments/: the segments generations share (index/generation.py)
 SEGMENT_LIST = "SEGMENTS"  # in a generation folder: the names of the segments it reads, one per line
+# The fix of every damaged-index error: `trtrag index` notices an unreadable generation and rebuilds it.
+REBUILD_HINT = "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)"
 
 
 class Lease:
@@ -106,7 +108,7 @@ class Workspace:
             if name is not None:  # CURRENT is there but names nothing usable: say so, not "no index"
                 what = f"names '{name}', which is missing" if name else "is damaged"
                 raise TrtragError(f"the index in workspace '{self.root}' is damaged: index/CURRENT {what}",
-                                  "rebuild it: trtrag index <corpus> --rebuild (calibration and engines are kept)")
+                                  REBUILD_HINT)
             raise TrtragError(f"no index in workspace '{self.root}'", "run: trtrag index <corpus folder>")
         return gen
 
